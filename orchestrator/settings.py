@@ -1,0 +1,57 @@
+"""Configuration, resolved once: flag > environment > `.env` file > default.
+
+The CLI passes flags as overrides; everything else reads `Settings` from the environment. Names
+match docs/configuration.md and ARCHITECTURE.md's table.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from pydantic import AliasChoices, Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="CHARFORGE_", env_file=".env", env_file_encoding="utf-8", extra="ignore"
+    )
+
+    home: Path = Path("~/.charforge")
+    database_url: str = ""  # default: sqlite:///$CHARFORGE_HOME/charforge.db
+    storage_url: str = ""  # default: file://$CHARFORGE_HOME/store
+    s3_endpoint_url: str | None = None
+    git_base_url: str = "https://github.com/"
+    # RAY_ADDRESS, not CHARFORGE_RAY_ADDRESS: the variable Ray itself reads.
+    ray_address: str | None = Field(
+        default=None, validation_alias=AliasChoices("RAY_ADDRESS", "ray_address")
+    )
+    # Seconds without a heartbeat after which a running run counts as lost.
+    heartbeat_timeout: float = 60.0
+    # How often a stage is retried after an infrastructure failure before the run fails.
+    max_attempts: int = 3
+
+    @model_validator(mode="after")
+    def _defaults(self) -> Settings:
+        self.home = self.home.expanduser()
+        if not self.database_url:
+            self.database_url = f"sqlite:///{self.home / 'charforge.db'}"
+        if not self.storage_url:
+            self.storage_url = (self.home / "store").as_uri()
+        return self
+
+    @property
+    def embedded(self) -> bool:
+        """No cluster configured: `jobs submit` runs the dispatcher itself on a local Ray."""
+        return not self.ray_address
+
+    def storage(self):  # -> workers.storage.Storage
+        from workers.storage import open_storage
+
+        return open_storage(self.storage_url, endpoint_url=self.s3_endpoint_url)
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Settings from env and `.env`, with non-None `overrides` (CLI flags) winning."""
+    return Settings(**{k: v for k, v in overrides.items() if v is not None})

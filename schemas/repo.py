@@ -1,0 +1,92 @@
+"""Repository specs: what a user may name as a source, checked before git ever runs.
+
+A spec is `owner/name`, `owner/name@ref`, an `https://`, `http://`, `ssh://` or `git://` URL, a
+`git@host:path` scp-style address, or a local path (a git work tree or a plain folder). Anything
+git would read as an option (`-...`) or a remote helper (`ext::`, `fd::`, `transport::...`) is
+refused here, so a hostile string never reaches git's argv.
+"""
+
+from __future__ import annotations
+
+import re
+from enum import StrEnum
+from pathlib import Path
+
+from schemas.base import Frozen
+from schemas.errors import InvalidSpec
+
+_OWNER_NAME = re.compile(r"^[A-Za-z0-9_.-]+/[A-Za-z0-9_.-]+$")
+_REF = re.compile(r"^[A-Za-z0-9_./+-]+$")
+_SCP = re.compile(r"^[A-Za-z0-9_.-]+@[A-Za-z0-9_.-]+:[A-Za-z0-9_./~-]+$")
+_URL_SCHEMES = ("https://", "http://", "ssh://", "git://")
+
+
+class RepoKind(StrEnum):
+    SHORTHAND = "shorthand"  # owner/name, resolved against CHARFORGE_GIT_BASE_URL
+    URL = "url"
+    LOCAL = "local"
+
+
+class RepoSpec(Frozen):
+    spec: str  # what the user typed, kept for display
+    kind: RepoKind
+    location: str  # owner/name, the URL, or the absolute local path
+    ref: str | None = None  # branch or tag; None = the default branch
+
+    def url(self, git_base_url: str) -> str:
+        """The address git is given: shorthand joined to the base URL, else the location."""
+        if self.kind is RepoKind.SHORTHAND:
+            return git_base_url.rstrip("/") + "/" + self.location
+        return self.location
+
+
+def _check_ref(ref: str, spec: str) -> str:
+    if not ref or ref.startswith("-") or ".." in ref or not _REF.match(ref):
+        raise InvalidSpec(f"invalid ref {ref!r} in repo spec {spec!r}")
+    return ref
+
+
+def parse_repo_spec(spec: str, *, cwd: Path | None = None) -> RepoSpec:
+    """Parse and validate one spec. Raises `InvalidSpec` with a reason a user can act on."""
+    raw = spec.strip()
+    if not raw:
+        raise InvalidSpec("empty repo spec")
+    if raw.startswith("-"):
+        raise InvalidSpec(f"repo spec {raw!r} starts with '-': refused (git would read it as an option)")
+    if "::" in raw or raw.lower().startswith(("ext:", "fd:")):
+        raise InvalidSpec(f"repo spec {raw!r} names a git remote helper (ext::, fd::): refused")
+    if any(ch in raw for ch in "\0\n\r\t ") and not Path(raw).exists():
+        raise InvalidSpec(f"repo spec {raw!r} contains whitespace or control characters")
+
+    ref: str | None = None
+    if raw.startswith(_URL_SCHEMES):
+        location = raw
+        # `https://host/repo.git@v1` — an @ after the path part names a ref.
+        scheme, _, rest = raw.partition("://")
+        if "@" in rest.split("/", 1)[-1]:
+            path_part, _, ref = rest.rpartition("@")
+            location = f"{scheme}://{path_part}"
+            ref = _check_ref(ref, raw)
+        return RepoSpec(spec=raw, kind=RepoKind.URL, location=location, ref=ref)
+    if raw.startswith("file:"):
+        raise InvalidSpec(f"repo spec {raw!r}: give a local path instead of a file: URL")
+    if _SCP.match(raw.split("#", 1)[0]):
+        return RepoSpec(spec=raw, kind=RepoKind.URL, location=raw)
+
+    local = Path(raw).expanduser()
+    if raw.startswith((".", "/", "~")) or local.exists():
+        if not local.is_absolute():
+            local = (cwd or Path.cwd()) / local
+        local = local.resolve()
+        if not local.is_dir():
+            raise InvalidSpec(f"local repo {raw!r} is not a directory")
+        return RepoSpec(spec=raw, kind=RepoKind.LOCAL, location=str(local))
+
+    name, _, ref_part = raw.partition("@")
+    if _OWNER_NAME.match(name) and not name.startswith("."):
+        ref = _check_ref(ref_part, raw) if ref_part else None
+        return RepoSpec(spec=raw, kind=RepoKind.SHORTHAND, location=name, ref=ref)
+    raise InvalidSpec(
+        f"cannot read repo spec {raw!r}: expected owner/name[@ref], a git URL "
+        "(https://, ssh://, git://, git@host:path) or a local directory"
+    )

@@ -1,0 +1,118 @@
+"""What the run store returns: plain pydantic views, never ORM objects.
+
+`RunView.to_status_json()` is the documented `charforge jobs status --json` object.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from pydantic import BaseModel
+
+from schemas.status import RunStatus, Stage
+
+
+class MetricPoint(BaseModel):
+    step: int
+    train_loss: float | None = None
+    val_loss: float | None = None
+    chars_per_sec: float | None = None
+    lr: float | None = None
+    recorded_at: datetime | None = None
+
+
+class ArtifactView(BaseModel):
+    kind: str  # corpus | manifest | checkpoint | samples | export | log
+    key: str
+    size: int
+    sha256: str
+    meta: dict[str, Any] = {}
+    created_at: datetime | None = None
+
+
+class StageAttemptView(BaseModel):
+    stage: Stage
+    attempt: int
+    node_id: str | None = None
+    dispatcher_id: str | None = None
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    outcome: str | None = None  # succeeded | failed | retried | cancelled | lost
+    error: str | None = None
+
+
+class LogLine(BaseModel):
+    id: int
+    at: datetime
+    stage: str | None = None
+    message: str
+
+
+class RunSummary(BaseModel):
+    id: str
+    name: str
+    status: RunStatus
+    stage: Stage | None = None
+    created_at: datetime
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    error: str | None = None
+    step: int | None = None
+    total_steps: int | None = None
+    best_val_loss: float | None = None
+
+
+class RunView(RunSummary):
+    spec: dict[str, Any]  # the resolved RunSpec, as stored
+    queued_at: datetime | None = None
+    heartbeat_at: datetime | None = None
+    attempts: list[StageAttemptView] = []
+    repos: list[dict[str, Any]] = []  # [{spec, url, commit}]
+    corpus: dict[str, Any] | None = None  # {key, bytes, files, vocab_size, ...}
+    metrics: dict[str, float | None] = {}  # latest train_loss, val_loss, best_val_loss, chars_per_sec
+    artifacts: list[ArtifactView] = []
+
+    @property
+    def checkpoints(self) -> list[ArtifactView]:
+        return [a for a in self.artifacts if a.kind == "checkpoint"]
+
+    @property
+    def sample_batches(self) -> list[ArtifactView]:
+        return [a for a in self.artifacts if a.kind == "samples"]
+
+    def to_status_json(self) -> dict[str, Any]:
+        def ts(value: datetime | None) -> str | None:
+            return value.isoformat() if value else None
+
+        return {
+            "id": self.id,
+            "name": self.name,
+            "status": self.status.value,
+            "stage": self.stage.value if self.stage else None,
+            "error": self.error,
+            "created_at": ts(self.created_at),
+            "queued_at": ts(self.queued_at),
+            "started_at": ts(self.started_at),
+            "finished_at": ts(self.finished_at),
+            "heartbeat_at": ts(self.heartbeat_at),
+            "repos": self.repos,
+            "corpus": self.corpus,
+            "progress": {"step": self.step, "total_steps": self.total_steps},
+            "metrics": {
+                "train_loss": self.metrics.get("train_loss"),
+                "val_loss": self.metrics.get("val_loss"),
+                "best_val_loss": self.best_val_loss,
+                "chars_per_sec": self.metrics.get("chars_per_sec"),
+            },
+            "checkpoints": [
+                {"step": a.meta.get("step"), "key": a.key, "val_loss": a.meta.get("val_loss")}
+                for a in self.checkpoints
+            ],
+            "samples": [
+                {"key": a.key, "n": a.meta.get("n"), "checkpoint_step": a.meta.get("checkpoint_step")}
+                for a in self.sample_batches
+            ],
+            "attempts": [a.model_dump(mode="json") for a in self.attempts],
+            "spec": self.spec,
+        }

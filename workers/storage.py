@@ -1,0 +1,214 @@
+"""One storage interface, two backends: a local directory (`file://`) and S3 (`s3://bucket/prefix`).
+
+Writes are atomic (temp file + rename on disk; one PUT or a completed multipart upload on S3) and
+stream: a writer hashes bytes on their way out, so every object's size and sha256 are known
+without reading it twice and without holding it in memory. Keys are checked before they touch a
+filesystem path or a bucket.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import shutil
+import tempfile
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO
+from urllib.parse import urlparse
+
+from schemas.errors import ArtifactNotFound, StorageError
+
+CHUNK = 1024 * 1024
+_KEY = re.compile(r"^[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)*$")
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    key: str
+    size: int
+    sha256: str
+
+
+def check_key(key: str) -> str:
+    """Refuse keys that could escape the storage root or be read as something else."""
+    if not _KEY.match(key) or any(part in (".", "..") for part in key.split("/")):
+        raise StorageError(f"invalid storage key {key!r}")
+    return key
+
+
+class HashingWriter:
+    """A write-only file wrapper that counts and hashes what passes through it."""
+
+    def __init__(self, raw: IO[bytes]) -> None:
+        self._raw = raw
+        self._hash = hashlib.sha256()
+        self.size = 0
+
+    def write(self, data: bytes) -> int:
+        self._hash.update(data)
+        self.size += len(data)
+        return self._raw.write(data)
+
+    def flush(self) -> None:
+        self._raw.flush()
+
+    @property
+    def sha256(self) -> str:
+        return self._hash.hexdigest()
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+class Storage(ABC):
+    url: str
+
+    @abstractmethod
+    @contextmanager
+    def writer(self, key: str) -> Iterator[HashingWriter]:
+        """Stream an object in; it appears under `key` only if the block exits cleanly.
+
+        After the block, `writer.size` and `writer.sha256` describe what was stored.
+        """
+
+    @abstractmethod
+    def put_file(self, key: str, path: Path) -> ObjectInfo: ...
+
+    @abstractmethod
+    @contextmanager
+    def open(self, key: str) -> Iterator[IO[bytes]]:
+        """Stream an object out. Raises `ArtifactNotFound` if it does not exist."""
+
+    @abstractmethod
+    @contextmanager
+    def local_path(self, key: str) -> Iterator[Path]:
+        """A local file holding the object (for mmap): the file itself on disk, a copy for S3."""
+
+    @abstractmethod
+    def exists(self, key: str) -> bool: ...
+
+    @abstractmethod
+    def size(self, key: str) -> int: ...
+
+    @abstractmethod
+    def list(self, prefix: str = "") -> Iterator[str]:
+        """Keys under `prefix`, sorted."""
+
+    @abstractmethod
+    def delete(self, key: str) -> None:
+        """Remove an object; removing a missing one is not an error."""
+
+    @abstractmethod
+    def presign(self, key: str, expires: int = 3600) -> str: ...
+
+    def put_bytes(self, key: str, data: bytes) -> ObjectInfo:
+        with self.writer(key) as out:
+            out.write(data)
+        return ObjectInfo(key, out.size, out.sha256)
+
+    def get_bytes(self, key: str) -> bytes:
+        with self.open(key) as fh:
+            return fh.read()
+
+    def download(self, key: str, dest: Path) -> Path:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        with self.open(key) as src, open(dest, "wb") as out:
+            shutil.copyfileobj(src, out, CHUNK)
+        return dest
+
+
+class LocalStorage(Storage):
+    def __init__(self, root: Path) -> None:
+        self.root = root.expanduser().resolve()
+        self.url = f"file://{self.root}"
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def _path(self, key: str) -> Path:
+        return self.root / check_key(key)
+
+    @contextmanager
+    def writer(self, key: str) -> Iterator[HashingWriter]:
+        dest = self._path(key)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=dest.parent)
+        try:
+            with os.fdopen(fd, "wb") as raw:
+                out = HashingWriter(raw)
+                yield out
+                raw.flush()
+                os.fsync(raw.fileno())
+            os.replace(tmp, dest)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    def put_file(self, key: str, path: Path) -> ObjectInfo:
+        with self.writer(key) as out, open(path, "rb") as src:
+            while chunk := src.read(CHUNK):
+                out.write(chunk)
+        return ObjectInfo(key, out.size, out.sha256)
+
+    @contextmanager
+    def open(self, key: str) -> Iterator[IO[bytes]]:
+        try:
+            fh = open(self._path(key), "rb")
+        except (FileNotFoundError, IsADirectoryError):
+            raise ArtifactNotFound(f"no object {key!r} in {self.url}") from None
+        with fh:
+            yield fh
+
+    @contextmanager
+    def local_path(self, key: str) -> Iterator[Path]:
+        path = self._path(key)
+        if not path.is_file():
+            raise ArtifactNotFound(f"no object {key!r} in {self.url}")
+        yield path
+
+    def exists(self, key: str) -> bool:
+        return self._path(key).is_file()
+
+    def size(self, key: str) -> int:
+        try:
+            return self._path(key).stat().st_size
+        except FileNotFoundError:
+            raise ArtifactNotFound(f"no object {key!r} in {self.url}") from None
+
+    def list(self, prefix: str = "") -> Iterator[str]:
+        keys = []
+        for dirpath, _dirs, files in os.walk(self.root):
+            rel = Path(dirpath).relative_to(self.root).as_posix()
+            for name in files:
+                if name.startswith(".tmp-"):
+                    continue
+                key = name if rel == "." else f"{rel}/{name}"
+                if key.startswith(prefix):
+                    keys.append(key)
+        yield from sorted(keys)
+
+    def delete(self, key: str) -> None:
+        self._path(key).unlink(missing_ok=True)
+
+    def presign(self, key: str, expires: int = 3600) -> str:
+        return self._path(key).as_uri()
+
+
+def open_storage(url: str, *, endpoint_url: str | None = None) -> Storage:
+    """Storage for a `file://` or `s3://bucket/prefix` URL (a bare path means `file://`)."""
+    parsed = urlparse(url)
+    if parsed.scheme in ("", "file"):
+        return LocalStorage(Path(parsed.path if parsed.scheme else url))
+    if parsed.scheme == "s3":
+        from workers.s3 import S3Storage  # boto3 is imported only when S3 is used
+
+        return S3Storage(parsed.netloc, parsed.path.strip("/"), endpoint_url=endpoint_url)
+    raise StorageError(f"unsupported storage URL {url!r}: use file:///path or s3://bucket/prefix")
