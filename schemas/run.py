@@ -36,7 +36,8 @@ class RunSpec(Frozen):
     model: ModelConfig = ModelConfig()
     train: TrainConfig = TrainConfig()
     sample: SampleConfig = SampleConfig()
-    init_from: str | None = None  # a run id whose weights start this run
+    init_from: str | None = None  # a run id whose weights start this run (fine-tuning)
+    init_from_checkpoint: str | None = None  # that run's best checkpoint key, resolved at submit
 
 
 def settable_keys() -> list[str]:

@@ -1,0 +1,394 @@
+"""The run store: the one writer path to the database and the source of truth about runs.
+
+Every method opens one session scope that commits or rolls back. ORM objects never leave this
+module: callers get the pydantic views of schemas/views.py. `transition` is the only code that
+changes a run's status: it checks the move against schemas/status.py's table, stamps the matching
+timestamp, and does it as a conditional UPDATE, so two processes can never both make the same move
+(that is also how claims work on SQLite; PostgreSQL adds `FOR UPDATE SKIP LOCKED`).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import secrets
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from datetime import timedelta
+from typing import Any
+
+from sqlalchemy import delete, select, update
+from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.orm import Session, selectinload, sessionmaker
+
+from orchestrator import db
+from orchestrator.store_events import apply_event
+from orchestrator.store_views import attempt_view, run_summary, run_view
+from schemas.errors import IllegalTransition, RunNotFound, UserError
+from schemas.events import Event
+from schemas.models import (
+    Artifact,
+    LogLineRow,
+    MetricPointRow,
+    Run,
+    StageAttempt,
+    utcnow,
+)
+from schemas.run import RunSpec
+from schemas.status import TERMINAL, RunStatus, Stage, can_transition
+from schemas.views import LogLine, MetricPoint, RunSummary, RunView, StageAttemptView
+
+# Which timestamp each status stamps when a run enters it.
+_STAMPS = {
+    RunStatus.QUEUED: "queued_at",
+    RunStatus.RUNNING: "started_at",
+    RunStatus.SUCCEEDED: "finished_at",
+    RunStatus.FAILED: "finished_at",
+    RunStatus.CANCELLED: "finished_at",
+}
+
+
+def new_run_id() -> str:
+    return secrets.token_hex(6)
+
+
+class RunStore:
+    def __init__(self, url: str, *, migrate: bool = False) -> None:
+        self.url = url
+        self.engine = db.make_engine(url)
+        self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+        if migrate:
+            self._guard(lambda: db.is_current(self.engine) or db.upgrade(self.engine))
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    def _guard(self, fn: Any) -> Any:
+        try:
+            return fn()
+        except (OperationalError, DBAPIError) as exc:
+            if isinstance(exc, OperationalError) or exc.connection_invalidated:
+                raise db.unavailable(self.url, exc) from None
+            raise
+
+    @contextmanager
+    def _session(self) -> Iterator[Session]:
+        try:
+            with self._sessions.begin() as session:
+                yield session
+        except OperationalError as exc:
+            raise db.unavailable(self.url, exc) from None
+
+    # ---- reading -----------------------------------------------------------------------------
+
+    def _get_run(self, session: Session, run_id: str, *, full: bool = False) -> Run:
+        query = select(Run)
+        if full:
+            query = query.options(selectinload(Run.attempts), selectinload(Run.artifacts))
+        run = session.scalar(query.where(Run.id == run_id))
+        if run is not None:
+            return run
+        if len(run_id) >= 4 and all(c in "0123456789abcdef" for c in run_id):
+            matches = session.scalars(query.where(Run.id.startswith(run_id)).limit(2)).all()
+            if len(matches) == 1:
+                return matches[0]
+            if len(matches) > 1:
+                raise UserError(f"run id prefix {run_id!r} is ambiguous: give more characters")
+        raise RunNotFound(f"no run with id {run_id!r}")
+
+    def get_run(self, run_id: str) -> RunView:
+        with self._session() as session:
+            return run_view(self._get_run(session, run_id, full=True))
+
+    def resolve_id(self, run_id: str) -> str:
+        with self._session() as session:
+            return self._get_run(session, run_id).id
+
+    def list_runs(
+        self,
+        *,
+        status: RunStatus | None = None,
+        limit: int | None = None,
+        name_glob: str | None = None,
+        ids: Sequence[str] | None = None,
+    ) -> list[RunSummary]:
+        """Run summaries, newest first."""
+        with self._session() as session:
+            query = select(Run).order_by(Run.created_at.desc(), Run.id.desc())
+            if status is not None:
+                query = query.where(Run.status == status.value)
+            if ids is not None:
+                query = query.where(Run.id.in_(list(ids)))
+            if limit is not None and name_glob is None:
+                query = query.limit(limit)
+            runs = session.scalars(query).all()
+            if name_glob is not None:
+                runs = [r for r in runs if fnmatch.fnmatchcase(r.name, name_glob)][:limit]
+            return [run_summary(r) for r in runs]
+
+    def get_runs(self, run_ids: Sequence[str]) -> list[RunView]:
+        with self._session() as session:
+            return [run_view(self._get_run(session, rid, full=True)) for rid in run_ids]
+
+    def metrics(self, run_id: str) -> list[MetricPoint]:
+        with self._session() as session:
+            rid = self._get_run(session, run_id).id
+            rows = session.scalars(
+                select(MetricPointRow).where(MetricPointRow.run_id == rid).order_by(MetricPointRow.step)
+            )
+            return [MetricPoint.model_validate(r, from_attributes=True) for r in rows]
+
+    def logs(self, run_id: str, *, after: int = 0, limit: int | None = None) -> list[LogLine]:
+        with self._session() as session:
+            rid = self._get_run(session, run_id).id
+            query = (
+                select(LogLineRow)
+                .where(LogLineRow.run_id == rid, LogLineRow.id > after)
+                .order_by(LogLineRow.id)
+                .limit(limit)
+            )
+            return [LogLine.model_validate(r, from_attributes=True) for r in session.scalars(query)]
+
+    def attempts(self, run_id: str) -> list[StageAttemptView]:
+        with self._session() as session:
+            return [attempt_view(a) for a in self._get_run(session, run_id, full=True).attempts]
+
+    # ---- creating and moving -----------------------------------------------------------------
+
+    def create_run(self, spec: RunSpec) -> RunView:
+        now = utcnow()
+        with self._session() as session:
+            run = Run(
+                id=new_run_id(),
+                name=spec.name,
+                status=RunStatus.QUEUED.value,
+                spec=spec.model_dump(mode="json"),
+                created_at=now,
+                queued_at=now,
+                claims=0,
+                recoveries=0,
+                attempts=[],
+                artifacts=[],
+            )
+            session.add(run)
+            session.flush()
+            return run_view(run)
+
+    def transition(
+        self,
+        run_id: str,
+        new: RunStatus,
+        *,
+        expected: RunStatus | None = None,
+        error: str | None = None,
+        **fields: Any,
+    ) -> RunView:
+        """Move a run to `new`, checked against the transition table; the only status writer.
+
+        `expected` makes the move conditional on the status the caller saw (a claim, say);
+        without it the current status is read and checked. A move that lost a race raises
+        `IllegalTransition` naming the status the run actually has.
+        """
+        with self._session() as session:
+            run = self._get_run(session, run_id)
+            current = RunStatus(run.status)
+            source = expected or current
+            if not can_transition(source, new) or (expected and current is not expected):
+                raise IllegalTransition(f"run {run.id} is {current.value}: cannot move it to {new.value}")
+            values: dict[str, Any] = {"status": new.value, **fields}
+            now = utcnow()
+            stamp = _STAMPS[new]
+            if new is not RunStatus.RUNNING or run.started_at is None:
+                values[stamp] = now
+            if new in TERMINAL:
+                values["error"] = error
+                values.setdefault("dispatcher_id", None)
+            elif new is RunStatus.QUEUED:
+                values.update(error=None, finished_at=None, dispatcher_id=None, heartbeat_at=None, stage=None)
+            elif new is RunStatus.RUNNING:
+                values["heartbeat_at"] = now
+            result = session.execute(
+                update(Run).where(Run.id == run.id, Run.status == source.value).values(**values)
+            )
+            if result.rowcount != 1:
+                session.rollback()
+                actual = self._status(run.id)
+                raise IllegalTransition(f"run {run.id} is {actual.value}: cannot move it to {new.value}")
+            session.expire(run)
+            return run_view(self._get_run(session, run.id, full=True))
+
+    def _status(self, run_id: str) -> RunStatus:
+        with self._session() as session:
+            return RunStatus(self._get_run(session, run_id).status)
+
+    def cancel(self, run_id: str) -> RunView:
+        """Cancel a queued or running run; cancelling a cancelled run is a no-op."""
+        view = self.get_run(run_id)
+        if view.status is RunStatus.CANCELLED:
+            return view
+        if view.status in TERMINAL:
+            raise IllegalTransition(f"run {view.id} already {view.status.value}: nothing to cancel")
+        try:
+            return self.transition(view.id, RunStatus.CANCELLED, expected=view.status, error="cancelled by user")
+        except IllegalTransition:
+            return self.cancel(view.id)  # it moved meanwhile; decide again on its new status
+
+    def resume(self, run_id: str) -> RunView:
+        """Queue a failed or cancelled run again; it continues from its last checkpoint."""
+        view = self.get_run(run_id)
+        if view.status not in (RunStatus.FAILED, RunStatus.CANCELLED):
+            raise IllegalTransition(
+                f"run {view.id} is {view.status.value}: only failed or cancelled runs can be resumed"
+            )
+        self.append_log(view.id, f"resumed by user (was {view.status.value})")
+        return self.transition(view.id, RunStatus.QUEUED, expected=view.status)
+
+    def claim(self, dispatcher_id: str, limit: int) -> list[RunView]:
+        """Move up to `limit` queued runs, oldest first, to running under `dispatcher_id`."""
+        if limit <= 0:
+            return []
+        with self._session() as session:
+            query = (
+                select(Run.id)
+                .where(Run.status == RunStatus.QUEUED.value)
+                .order_by(Run.queued_at, Run.id)
+                .limit(limit)
+                .with_for_update(skip_locked=True)  # PostgreSQL; SQLite relies on the UPDATE below
+            )
+            candidates = list(session.scalars(query))
+            claimed = []
+            for rid in candidates:
+                result = session.execute(
+                    update(Run)
+                    .where(Run.id == rid, Run.status == RunStatus.QUEUED.value)
+                    .values(claims=Run.claims + 1)
+                )
+                if result.rowcount == 1:
+                    claimed.append(rid)
+        views = []
+        for rid in claimed:
+            try:
+                views.append(
+                    self.transition(rid, RunStatus.RUNNING, expected=RunStatus.QUEUED, dispatcher_id=dispatcher_id)
+                )
+            except IllegalTransition:
+                continue  # cancelled or claimed elsewhere between the two statements
+        return views
+
+    def recover(self, run_id: str, reason: str, *, max_recoveries: int) -> RunView:
+        """A running run lost its dispatcher or worker: queue it again, or fail it as lost."""
+        with self._session() as session:
+            run = self._get_run(session, run_id)
+            run.recoveries += 1
+            recoveries = run.recoveries
+        self.append_log(run_id, f"lost: {reason}")
+        if recoveries > max_recoveries:
+            return self.transition(
+                run_id, RunStatus.FAILED, expected=RunStatus.RUNNING,
+                error=f"lost: {reason} (gave up after {max_recoveries} recoveries)",
+            )
+        return self.transition(run_id, RunStatus.QUEUED, expected=RunStatus.RUNNING)
+
+    # ---- bookkeeping while a run runs (the dispatcher's side) --------------------------------
+
+    def set_stage(self, run_id: str, stage: Stage) -> None:
+        with self._session() as session:
+            session.execute(update(Run).where(Run.id == run_id).values(stage=stage.value))
+
+    def start_attempt(self, run_id: str, stage: Stage, dispatcher_id: str) -> int:
+        with self._session() as session:
+            previous = session.scalars(
+                select(StageAttempt.attempt).where(
+                    StageAttempt.run_id == run_id, StageAttempt.stage == stage.value
+                )
+            ).all()
+            attempt = max(previous, default=0) + 1
+            session.add(StageAttempt(run_id=run_id, stage=stage.value, attempt=attempt, dispatcher_id=dispatcher_id))
+            session.execute(update(Run).where(Run.id == run_id).values(stage=stage.value))
+            return attempt
+
+    def finish_attempt(
+        self, run_id: str, stage: Stage, attempt: int, outcome: str, error: str | None = None
+    ) -> None:
+        with self._session() as session:
+            session.execute(
+                update(StageAttempt)
+                .where(StageAttempt.run_id == run_id, StageAttempt.stage == stage.value, StageAttempt.attempt == attempt)
+                .values(outcome=outcome, error=error, finished_at=utcnow())
+            )
+
+    def close_open_attempts(self, run_id: str, outcome: str, error: str | None = None) -> None:
+        with self._session() as session:
+            session.execute(
+                update(StageAttempt)
+                .where(StageAttempt.run_id == run_id, StageAttempt.finished_at.is_(None))
+                .values(outcome=outcome, error=error, finished_at=utcnow())
+            )
+
+    def heartbeat(self, dispatcher_id: str, run_ids: Sequence[str]) -> None:
+        if not run_ids:
+            return
+        with self._session() as session:
+            session.execute(
+                update(Run)
+                .where(Run.id.in_(list(run_ids)), Run.dispatcher_id == dispatcher_id,
+                       Run.status == RunStatus.RUNNING.value)
+                .values(heartbeat_at=utcnow())
+            )
+
+    def stale_runs(self, timeout: float) -> list[str]:
+        """Running runs whose heartbeat is older than `timeout` seconds."""
+        cutoff = utcnow() - timedelta(seconds=timeout)
+        with self._session() as session:
+            query = select(Run.id).where(Run.status == RunStatus.RUNNING.value, Run.heartbeat_at < cutoff)
+            return list(session.scalars(query))
+
+    def owners(self, run_ids: Sequence[str]) -> dict[str, tuple[RunStatus, str | None]]:
+        """Status and owning dispatcher of each run: how a dispatcher learns it lost a run."""
+        with self._session() as session:
+            rows = session.execute(
+                select(Run.id, Run.status, Run.dispatcher_id).where(Run.id.in_(list(run_ids)))
+            )
+            return {rid: (RunStatus(status), owner) for rid, status, owner in rows}
+
+    def owned_runs(self, dispatcher_id: str) -> list[str]:
+        with self._session() as session:
+            query = select(Run.id).where(
+                Run.dispatcher_id == dispatcher_id, Run.status == RunStatus.RUNNING.value
+            )
+            return list(session.scalars(query))
+
+    def append_log(self, run_id: str, message: str, stage: str | None = None) -> None:
+        with self._session() as session:
+            session.add(LogLineRow(run_id=run_id, stage=stage, message=message, at=utcnow()))
+
+    def update_run(self, run_id: str, **fields: Any) -> None:
+        """Bookkeeping columns only (repos, corpus, results, step, ...); never the status."""
+        if "status" in fields:
+            raise ValueError("use transition() to change a run's status")
+        with self._session() as session:
+            session.execute(update(Run).where(Run.id == run_id).values(**fields))
+
+    def record_result(self, run_id: str, stage: Stage, result: dict[str, Any]) -> None:
+        with self._session() as session:
+            run = self._get_run(session, run_id)
+            run.results = {**(run.results or {}), stage.value: result}
+
+    def apply_events(self, run_id: str, events: Sequence[Event]) -> None:
+        """Write what a stage reported: progress, metric points, artifacts, log lines, nodes."""
+        if not events:
+            return
+        with self._session() as session:
+            run = session.get(Run, run_id)
+            if run is None:
+                return
+            for event in events:
+                apply_event(session, run, event)
+
+    def prune_artifacts(self, run_id: str, kind: str, keep: set[str]) -> None:
+        """Forget artifacts of `kind` whose objects are gone (e.g. rotated checkpoints)."""
+        with self._session() as session:
+            session.execute(
+                delete(Artifact).where(Artifact.run_id == run_id, Artifact.kind == kind,
+                                       Artifact.key.not_in(keep))
+            )
+
