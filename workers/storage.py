@@ -25,6 +25,7 @@ from schemas.errors import ArtifactNotFound, StorageError
 
 CHUNK = 1024 * 1024
 _KEY = re.compile(r"^[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)*$")
+MAX_KEY_LENGTH = 1024  # S3's limit; a local filesystem accepts less per name, never more
 
 
 @dataclass(frozen=True)
@@ -35,10 +36,26 @@ class ObjectInfo:
 
 
 def check_key(key: str) -> str:
-    """Refuse keys that could escape the storage root or be read as something else."""
-    if not _KEY.match(key) or any(part in (".", "..") for part in key.split("/")):
+    """Refuse keys that could escape the storage root or be read as something else.
+
+    Relative segments only, of letters, digits, `_`, `.` and `-`, none starting with a dot:
+    that rules out `..`, `/abs`, `a//b`, and names that collide with our `.tmp-*` files.
+    """
+    if (
+        not isinstance(key, str)
+        or len(key) > MAX_KEY_LENGTH
+        or not _KEY.match(key)
+        or any(part.startswith(".") for part in key.split("/"))
+    ):
         raise StorageError(f"invalid storage key {key!r}")
     return key
+
+
+def check_prefix(prefix: str) -> str:
+    """A listing prefix: empty, or a key, or a key followed by `/`."""
+    if prefix:
+        check_key(prefix[:-1] if prefix.endswith("/") else prefix)
+    return prefix
 
 
 class HashingWriter:
@@ -56,6 +73,9 @@ class HashingWriter:
 
     def flush(self) -> None:
         self._raw.flush()
+
+    def writable(self) -> bool:
+        return True
 
     @property
     def sha256(self) -> str:
@@ -139,8 +159,11 @@ class LocalStorage(Storage):
     @contextmanager
     def writer(self, key: str) -> Iterator[HashingWriter]:
         dest = self._path(key)
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=dest.parent)
+        try:
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=dest.parent)
+        except OSError as exc:
+            raise StorageError(f"cannot write {key!r} in {self.url}: {exc.strerror or exc}") from None
         try:
             with os.fdopen(fd, "wb") as raw:
                 out = HashingWriter(raw)
@@ -162,7 +185,7 @@ class LocalStorage(Storage):
     def open(self, key: str) -> Iterator[IO[bytes]]:
         try:
             fh = open(self._path(key), "rb")
-        except (FileNotFoundError, IsADirectoryError):
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
             raise ArtifactNotFound(f"no object {key!r} in {self.url}") from None
         with fh:
             yield fh
@@ -178,17 +201,21 @@ class LocalStorage(Storage):
         return self._path(key).is_file()
 
     def size(self, key: str) -> int:
-        try:
-            return self._path(key).stat().st_size
-        except FileNotFoundError:
-            raise ArtifactNotFound(f"no object {key!r} in {self.url}") from None
+        path = self._path(key)
+        if not path.is_file():
+            raise ArtifactNotFound(f"no object {key!r} in {self.url}")
+        return path.stat().st_size
 
     def list(self, prefix: str = "") -> Iterator[str]:
+        # Walk only the directory the prefix lies in, not the whole store.
+        check_prefix(prefix)
+        top = self.root / prefix.rpartition("/")[0]
         keys = []
-        for dirpath, _dirs, files in os.walk(self.root):
+        for dirpath, dirs, files in os.walk(top):
+            dirs[:] = [d for d in dirs if not d.startswith(".")]
             rel = Path(dirpath).relative_to(self.root).as_posix()
             for name in files:
-                if name.startswith(".tmp-"):
+                if name.startswith("."):  # `.tmp-*` writes in progress are not objects yet
                     continue
                 key = name if rel == "." else f"{rel}/{name}"
                 if key.startswith(prefix):
@@ -196,7 +223,9 @@ class LocalStorage(Storage):
         yield from sorted(keys)
 
     def delete(self, key: str) -> None:
-        self._path(key).unlink(missing_ok=True)
+        path = self._path(key)
+        if path.is_file():
+            path.unlink(missing_ok=True)
 
     def presign(self, key: str, expires: int = 3600) -> str:
         return self._path(key).as_uri()
@@ -206,6 +235,9 @@ def open_storage(url: str, *, endpoint_url: str | None = None) -> Storage:
     """Storage for a `file://` or `s3://bucket/prefix` URL (a bare path means `file://`)."""
     parsed = urlparse(url)
     if parsed.scheme in ("", "file"):
+        if parsed.netloc not in ("", "localhost"):
+            # file://data/x would silently mean /x on host "data": say what was meant instead.
+            raise StorageError(f"storage URL {url!r} names a host: use file:///absolute/path")
         return LocalStorage(Path(parsed.path if parsed.scheme else url))
     if parsed.scheme == "s3":
         from workers.s3 import S3Storage  # boto3 is imported only when S3 is used
