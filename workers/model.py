@@ -7,6 +7,11 @@ training can carry it across windows (truncated BPTT) and sampling can advance o
 
 from __future__ import annotations
 
+import contextlib
+import functools
+from collections.abc import Iterator
+from pathlib import Path
+
 import torch
 from torch import nn
 
@@ -51,3 +56,57 @@ def detach_state(state: State) -> State:
     if isinstance(state, tuple):
         return tuple(s.detach() for s in state)  # type: ignore[return-value]
     return state.detach()
+
+
+def select_state(state: State, rows: slice) -> State:
+    """The hidden state of some batch rows (streams) only."""
+    if isinstance(state, tuple):
+        return tuple(s[:, rows] for s in state)  # type: ignore[return-value]
+    return state[:, rows]
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+@functools.cache
+def cpu_has_native_bf16() -> bool:
+    """AVX512-BF16 or AMX: where oneDNN runs bf16 RNNs at native speed (emulated elsewhere)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return ("avx512_bf16" in flags or "amx_bf16" in flags) and torch.backends.mkldnn.is_available()
+
+
+def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for a `precision` option, or None for plain fp32.
+
+    "auto": bf16 on CPUs with native bf16 (measured ~1.5-2x faster for the LSTM step, see
+    docs/training.md), bf16 on GPUs that have it, fp16 AMP on older GPUs, fp32 otherwise.
+    """
+    if precision == "fp32":
+        return None
+    if precision == "bf16":
+        return torch.bfloat16
+    if precision == "fp16":
+        return torch.float16
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if device.type == "cpu" and cpu_has_native_bf16() else None
+
+
+@contextlib.contextmanager
+def autocast(device: torch.device, dtype: torch.dtype | None) -> Iterator[None]:
+    """Mixed precision for the forward pass; weights and optimizer state stay fp32."""
+    if dtype is None:
+        yield
+        return
+    with torch.autocast(device_type=device.type, dtype=dtype):
+        yield
