@@ -29,8 +29,20 @@ class Settings(BaseSettings):
     )
     # Seconds without a heartbeat after which a running run counts as lost.
     heartbeat_timeout: float = 60.0
-    # How often a stage is retried after an infrastructure failure before the run fails.
+    # Attempts per stage when infrastructure fails (a dead worker or node, a network error);
+    # the wait between them doubles from `retry_backoff` seconds (capped at 60).
     max_attempts: int = 3
+    retry_backoff: float = 2.0
+    # How often a lost run is recovered (queued again, resuming from its checkpoint) before it fails.
+    max_recoveries: int = 3
+    # Runs one dispatcher keeps in flight at once (Ray resources bound it further).
+    max_concurrent: int = 4
+    # The Ray resource training and sampling ask for when the cluster has it ("GPU", or a custom
+    # resource naming accelerator nodes).
+    accelerator: str = "GPU"
+    # CPUs a training task asks for (and torch threads it uses); 0 = all of the local machine's
+    # CPUs in the embedded default, 1 on a cluster.
+    train_cpus: int = 0
 
     @model_validator(mode="after")
     def _defaults(self) -> Settings:

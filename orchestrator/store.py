@@ -51,6 +51,30 @@ def new_run_id() -> str:
     return secrets.token_hex(6)
 
 
+def _move(session: Session, run: Run, source: RunStatus, new: RunStatus, *, error: str | None = None,
+          **fields: Any) -> bool:
+    """The only code that changes a run's status: checks the table, stamps the timestamps.
+
+    A conditional UPDATE (`WHERE status = source`): of two processes making the same move, one
+    wins and the other gets False. That is also what makes claims safe on SQLite.
+    """
+    if not can_transition(source, new):
+        raise IllegalTransition(f"run {run.id} is {source.value}: cannot move it to {new.value}")
+    now = utcnow()
+    values: dict[str, Any] = {"status": new.value, **fields}
+    if new is not RunStatus.RUNNING or run.started_at is None:
+        values[_STAMPS[new]] = now
+    if new in TERMINAL:
+        values["error"] = error
+        values.setdefault("dispatcher_id", None)
+    elif new is RunStatus.QUEUED:
+        values.update(error=None, finished_at=None, dispatcher_id=None, heartbeat_at=None, stage=None)
+    elif new is RunStatus.RUNNING:
+        values["heartbeat_at"] = now
+    result = session.execute(update(Run).where(Run.id == run.id, Run.status == source.value).values(**values))
+    return result.rowcount == 1
+
+
 class RunStore:
     def __init__(self, url: str, *, migrate: bool = False) -> None:
         self.url = url
@@ -182,7 +206,7 @@ class RunStore:
         error: str | None = None,
         **fields: Any,
     ) -> RunView:
-        """Move a run to `new`, checked against the transition table; the only status writer.
+        """Move a run to `new`, checked against the transition table.
 
         `expected` makes the move conditional on the status the caller saw (a claim, say);
         without it the current status is read and checked. A move that lost a race raises
@@ -192,24 +216,9 @@ class RunStore:
             run = self._get_run(session, run_id)
             current = RunStatus(run.status)
             source = expected or current
-            if not can_transition(source, new) or (expected and current is not expected):
+            if expected and current is not expected:
                 raise IllegalTransition(f"run {run.id} is {current.value}: cannot move it to {new.value}")
-            values: dict[str, Any] = {"status": new.value, **fields}
-            now = utcnow()
-            stamp = _STAMPS[new]
-            if new is not RunStatus.RUNNING or run.started_at is None:
-                values[stamp] = now
-            if new in TERMINAL:
-                values["error"] = error
-                values.setdefault("dispatcher_id", None)
-            elif new is RunStatus.QUEUED:
-                values.update(error=None, finished_at=None, dispatcher_id=None, heartbeat_at=None, stage=None)
-            elif new is RunStatus.RUNNING:
-                values["heartbeat_at"] = now
-            result = session.execute(
-                update(Run).where(Run.id == run.id, Run.status == source.value).values(**values)
-            )
-            if result.rowcount != 1:
+            if not _move(session, run, source, new, error=error, **fields):
                 session.rollback()
                 actual = self._status(run.id)
                 raise IllegalTransition(f"run {run.id} is {actual.value}: cannot move it to {new.value}")
@@ -242,37 +251,29 @@ class RunStore:
         self.append_log(view.id, f"resumed by user (was {view.status.value})")
         return self.transition(view.id, RunStatus.QUEUED, expected=view.status)
 
-    def claim(self, dispatcher_id: str, limit: int) -> list[RunView]:
-        """Move up to `limit` queued runs, oldest first, to running under `dispatcher_id`."""
-        if limit <= 0:
+    def claim(self, dispatcher_id: str, limit: int, *, only: set[str] | None = None) -> list[RunView]:
+        """Move up to `limit` queued runs, oldest first, to running under `dispatcher_id`.
+
+        `only` restricts the claim to those runs (the embedded default drives its own runs only).
+        """
+        if limit <= 0 or (only is not None and not only):
             return []
         with self._session() as session:
+            query = select(Run.id).where(Run.status == RunStatus.QUEUED.value)
+            if only is not None:
+                query = query.where(Run.id.in_(list(only)))
             query = (
-                select(Run.id)
-                .where(Run.status == RunStatus.QUEUED.value)
+                query
                 .order_by(Run.queued_at, Run.id)
                 .limit(limit)
                 .with_for_update(skip_locked=True)  # PostgreSQL; SQLite relies on the UPDATE below
             )
-            candidates = list(session.scalars(query))
-            claimed = []
-            for rid in candidates:
-                result = session.execute(
-                    update(Run)
-                    .where(Run.id == rid, Run.status == RunStatus.QUEUED.value)
-                    .values(claims=Run.claims + 1)
-                )
-                if result.rowcount == 1:
-                    claimed.append(rid)
-        views = []
-        for rid in claimed:
-            try:
-                views.append(
-                    self.transition(rid, RunStatus.RUNNING, expected=RunStatus.QUEUED, dispatcher_id=dispatcher_id)
-                )
-            except IllegalTransition:
-                continue  # cancelled or claimed elsewhere between the two statements
-        return views
+            claimed = [
+                rid for rid in session.scalars(query)
+                if _move(session, session.get(Run, rid), RunStatus.QUEUED, RunStatus.RUNNING,
+                         dispatcher_id=dispatcher_id, claims=Run.claims + 1)
+            ]
+        return self.get_runs(claimed)
 
     def recover(self, run_id: str, reason: str, *, max_recoveries: int) -> RunView:
         """A running run lost its dispatcher or worker: queue it again, or fail it as lost."""
@@ -367,6 +368,11 @@ class RunStore:
             raise ValueError("use transition() to change a run's status")
         with self._session() as session:
             session.execute(update(Run).where(Run.id == run_id).values(**fields))
+
+    def results(self, run_id: str) -> dict[str, Any]:
+        """The stored result of each finished stage, by stage name."""
+        with self._session() as session:
+            return dict(self._get_run(session, run_id).results or {})
 
     def record_result(self, run_id: str, stage: Stage, result: dict[str, Any]) -> None:
         with self._session() as session:

@@ -1,0 +1,108 @@
+"""The `charforge` executable. Run commands live in its `jobs` group.
+
+A bare `jobs` executable could never be reached: bash, zsh, dash and fish all run their `jobs`
+builtin first. Commands here are thin: parse options, call library code, print. This module is
+the one error boundary: library code raises `CharforgeError`s, and `CharforgeGroup` turns them
+into one line on stderr and exit code 1 (usage errors keep click's exit code 2).
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from typing import Annotated, Any
+
+import click
+import typer
+from typer.core import TyperGroup
+
+from orchestrator.cli import context
+from schemas.errors import CharforgeError
+
+
+class CharforgeGroup(TyperGroup):
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except CharforgeError as exc:
+            context.err.print(f"[red]error:[/red] {exc.message}", markup=True)
+            raise typer.Exit(1) from None
+
+
+app = typer.Typer(
+    cls=CharforgeGroup,
+    help="Train character-level RNNs on source-code repositories, as jobs on Ray.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+db_app = typer.Typer(help="Manage the run store's database.", no_args_is_help=True)
+app.add_typer(db_app, name="db")
+
+
+@db_app.command("upgrade")
+def db_upgrade() -> None:
+    """Apply the database migrations (PostgreSQL deployments run this once per release)."""
+    from orchestrator import db
+
+    cfg = context.settings()
+    engine = db.make_engine(cfg.database_url)
+    db.upgrade(engine)
+    context.out.print(f"database at {db.redact(cfg.database_url)} is up to date")
+
+
+@app.command()
+def serve(
+    max_concurrent: Annotated[
+        int | None, typer.Option(help="Runs in flight at once (default: CHARFORGE_MAX_CONCURRENT or 4).")
+    ] = None,
+    poll: Annotated[float, typer.Option(help="Seconds between dispatcher ticks.")] = 0.5,
+) -> None:
+    """Run the dispatcher: claim queued runs and drive them on Ray (RAY_ADDRESS, or local Ray).
+
+    Several `serve` may share one database: each run is claimed by exactly one. On SIGTERM or
+    Ctrl-C the runs in flight are stopped and queued again; another dispatcher (or this one,
+    restarted) resumes them from their last checkpoint.
+    """
+    from orchestrator.dispatcher import Dispatcher
+    from schemas.errors import DatabaseUnavailable
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    cfg = context.settings(max_concurrent=max_concurrent)
+    dispatcher = Dispatcher(context.store(cfg), cfg)
+    dispatcher.start()
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    context.err.print(f"charforge serve: dispatcher {dispatcher.dispatcher_id} waiting for runs")
+    try:
+        while not stop.is_set():
+            try:
+                dispatcher.tick()
+            except DatabaseUnavailable as exc:
+                logging.getLogger("charforge.dispatcher").warning("%s; retrying", exc.message)
+            stop.wait(poll)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        dispatcher.stop(requeue=True)
+        context.err.print("charforge serve: stopped; runs in flight were queued again")
+
+
+def _register() -> None:
+    from orchestrator.cli import results  # noqa: F401 - registers sample/export/eval/... on jobs_app
+    from orchestrator.cli.jobs import jobs_app
+
+    app.add_typer(jobs_app, name="jobs")
+    try:
+        from orchestrator.cli.corpus import corpus_app
+    except ImportError:  # pragma: no cover - the corpus commands ship with the corpus builder
+        return
+    app.add_typer(corpus_app, name="corpus")
+
+
+_register()
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,31 @@
+"""What every command needs, built lazily: settings, the run store, storage.
+
+Kept import-light: `charforge jobs status`/`list` answer from the database alone and never import
+torch or ray.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+from rich.console import Console
+
+from orchestrator.settings import Settings, load_settings
+from orchestrator.store import RunStore
+
+out = Console(highlight=False, soft_wrap=True)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+def settings(**overrides: Any) -> Settings:
+    return load_settings(**overrides)
+
+
+def store(cfg: Settings) -> RunStore:
+    """The run store; the embedded SQLite default is migrated automatically."""
+    return RunStore(cfg.database_url, migrate=cfg.database_url.startswith("sqlite"))
+
+
+def is_tty() -> bool:
+    return sys.stderr.isatty()

@@ -1,0 +1,220 @@
+"""`charforge jobs ...`: submit runs, see them, follow them, cancel and resume them."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Annotated
+
+import typer
+
+from orchestrator.cli import context, render
+from orchestrator.cli.follow import follow
+from schemas.errors import IllegalTransition, UserError
+from schemas.run import RunSpec, build_run_spec
+from schemas.status import TERMINAL, RunStatus
+from schemas.views import RunView
+
+jobs_app = typer.Typer(help="Submit, follow and manage training runs.", no_args_is_help=True)
+
+JsonFlag = Annotated[bool, typer.Option("--json", help="Print JSON for scripts instead of text.")]
+
+
+class RunsFailed(UserError):
+    pass
+
+
+def _checkpoint_of(view: RunView) -> str:
+    """The checkpoint a fine-tuning run starts from: the best of `view`, else its latest."""
+    ckpts = view.checkpoints
+    if not ckpts:
+        raise UserError(f"run {view.id} has no checkpoint to start from")
+    best = [c for c in ckpts if c.meta.get("best")]
+    if best:
+        return best[-1].key
+    scored = [c for c in ckpts if c.meta.get("val_loss") is not None]
+    if scored:
+        return min(scored, key=lambda c: c.meta["val_loss"]).key
+    return max(ckpts, key=lambda c: c.meta.get("step") or 0).key
+
+
+@jobs_app.command()
+def submit(
+    repo: Annotated[list[str], typer.Option(
+        "--repo", "-r", help="owner/name[@ref], a git URL or a local path; repeat for several runs.")],
+    combine: Annotated[bool, typer.Option(help="Build one corpus from all --repo (one run).")] = False,
+    name: Annotated[str | None, typer.Option(help="Run name (default: the repo names).")] = None,
+    include: Annotated[list[str] | None, typer.Option(help="Only files matching this glob (repeatable).")] = None,
+    exclude: Annotated[list[str] | None, typer.Option(help="Skip files matching this glob (repeatable).")] = None,
+    lang: Annotated[str | None, typer.Option(help="Only these languages, e.g. c,lua,python.")] = None,
+    preset: Annotated[str | None, typer.Option(help="Model/training preset: tiny, small, medium, large.")] = None,
+    set_: Annotated[list[str] | None, typer.Option(
+        "--set", help="Override a setting, e.g. --set rnn_size=256 --set train.max_iters=5000.")] = None,
+    init_from: Annotated[str | None, typer.Option(help="Start from this run's weights (fine-tuning).")] = None,
+    detach: Annotated[bool, typer.Option(help="Queue and return; `charforge serve` runs them.")] = False,
+    json_: JsonFlag = False,
+) -> None:
+    """Queue one run per --repo (or one with --combine) and, by default, run them here to the end.
+
+    With no RAY_ADDRESS configured, submit starts a local Ray, runs the stages (fetch, corpus,
+    train, sample) with progress bars and prints a sample; Ctrl-C cancels. With RAY_ADDRESS (or
+    --detach) it only queues the runs and prints their ids.
+    """
+    cfg = context.settings()
+    store = context.store(cfg)
+    overrides: dict[str, object] = {}
+    if include:
+        overrides["include"] = tuple(include)
+    if exclude:
+        overrides["exclude"] = tuple(exclude)
+    if lang:
+        overrides["langs"] = tuple(x.strip() for x in lang.split(",") if x.strip())
+    groups = [repo] if combine else [[r] for r in repo]
+    init_key = None
+    if init_from:
+        source = store.get_run(init_from)
+        init_from, init_key = source.id, _checkpoint_of(source)
+    specs: list[RunSpec] = []
+    for group in groups:
+        spec = build_run_spec(group, name=name, preset=preset, sets=set_ or (), corpus_overrides=overrides,
+                              init_from=init_from)
+        specs.append(spec.model_copy(update={"init_from_checkpoint": init_key}))
+    runs = [store.create_run(spec) for spec in specs]
+    ids = [r.id for r in runs]
+    if detach or not cfg.embedded:
+        if json_:
+            render.print_json([render.summary_json(r) for r in runs])
+        else:
+            for r in runs:
+                context.out.print(f"queued run {r.id} ({r.name})")
+        return
+    from orchestrator.cli.follow import run_embedded
+
+    views = run_embedded(cfg, store, ids, bars=context.is_tty() and not json_)
+    _report(views, json_=json_)
+
+
+def _report(views: list[RunView], *, json_: bool) -> None:
+    """End of a followed submit/resume: results, a sample, and exit 1 if any run did not succeed."""
+    if json_:
+        render.print_json([v.to_status_json() for v in views])
+    else:
+        for view in views:
+            _print_outcome(view)
+    bad = [v for v in views if v.status is not RunStatus.SUCCEEDED]
+    if bad:
+        detail = "; ".join(f"{v.id} {v.status.value}" + (f": {v.error}" if v.error else "") for v in bad)
+        raise RunsFailed(f"{len(bad)} of {len(views)} runs did not succeed ({detail})")
+
+
+def _print_outcome(view: RunView) -> None:
+    style = render.STATUS_STYLE.get(view.status.value, "")
+    context.out.print(f"run {view.id} ({view.name}): [{style}]{view.status.value}[/{style}]"
+                      + (f", best val {render.bits(view.best_val_loss)}" if view.best_val_loss else ""))
+    if view.status is RunStatus.SUCCEEDED and view.sample_batches:
+        text = _first_sample(view.sample_batches[-1].key)
+        if text is not None:
+            context.out.rule(f"sample from {view.name}")
+            context.out.print(text, markup=False)
+            context.out.rule()
+
+
+def _first_sample(key: str) -> str | None:
+    storage = context.settings().storage()
+    with storage.open(key) as fh:
+        line = fh.readline()
+    return json.loads(line).get("text") if line else None
+
+
+@jobs_app.command()
+def status(run: Annotated[str, typer.Argument(help="Run id (or a unique prefix).")], json_: JsonFlag = False) -> None:
+    """Show a run: status, stage, corpus, progress, losses, checkpoints, samples, attempts."""
+    view = context.store(context.settings()).get_run(run)
+    if json_:
+        render.print_json(view.to_status_json())
+    else:
+        render.print_status(view)
+
+
+@jobs_app.command("list")
+def list_(
+    status_: Annotated[RunStatus | None, typer.Option("--status", help="Only runs with this status.")] = None,
+    limit: Annotated[int, typer.Option(help="At most this many runs, newest first.")] = 50,
+    json_: JsonFlag = False,
+) -> None:
+    """List runs, newest first."""
+    runs = context.store(context.settings()).list_runs(status=status_, limit=limit)
+    if json_:
+        render.print_json([render.summary_json(r) for r in runs])
+    else:
+        render.print_list(runs)
+
+
+@jobs_app.command()
+def watch(runs: Annotated[list[str] | None, typer.Argument(help="Run ids; default: every active run.")] = None) -> None:
+    """Follow runs with live progress until they finish (reads the store; Ctrl-C stops watching)."""
+    store = context.store(context.settings())
+    if runs:
+        ids = [store.resolve_id(r) for r in runs]
+    else:
+        ids = [r.id for r in store.list_runs() if r.status not in TERMINAL]
+    if not ids:
+        context.out.print("no active runs")
+        return
+    try:
+        views = follow(store, ids, bars=context.is_tty())
+    except KeyboardInterrupt:
+        return
+    for view in views:
+        _print_outcome(view)
+
+
+@jobs_app.command()
+def logs(
+    run: Annotated[str, typer.Argument(help="Run id (or a unique prefix).")],
+    follow_: Annotated[bool, typer.Option("--follow", "-f", help="Keep printing new lines until the run ends.")] = False,
+) -> None:
+    """Print a run's log: stage events, training progress, retries and tracebacks."""
+    store = context.store(context.settings())
+    run_id, last = store.resolve_id(run), 0
+    while True:
+        for line in store.logs(run_id, after=last):
+            stage = f"[{line.stage}] " if line.stage else ""
+            context.out.print(f"{render.when(line.at)} {stage}{line.message}", markup=False)
+            last = line.id
+        if not follow_ or store.get_run(run_id).status in TERMINAL:
+            return
+        time.sleep(1.0)
+
+
+@jobs_app.command()
+def cancel(runs: Annotated[list[str], typer.Argument(help="Run ids to cancel.")]) -> None:
+    """Cancel runs: queued ones never start, running ones have their Ray tasks killed. Idempotent."""
+    store = context.store(context.settings())
+    for run in runs:
+        view = store.cancel(run)
+        context.out.print(f"run {view.id}: {view.status.value}")
+
+
+@jobs_app.command()
+def resume(
+    run: Annotated[str, typer.Argument(help="A failed or cancelled run.")],
+    detach: Annotated[bool, typer.Option(help="Queue it and return; `charforge serve` continues it.")] = False,
+    json_: JsonFlag = False,
+) -> None:
+    """Continue a failed or cancelled run from its last checkpoint (finished stages are kept)."""
+    cfg = context.settings()
+    store = context.store(cfg)
+    view = store.resume(run)
+    if detach or not cfg.embedded:
+        context.out.print(f"queued run {view.id} again")
+        return
+    from orchestrator.cli.follow import run_embedded
+
+    try:
+        views = run_embedded(cfg, store, [view.id], bars=context.is_tty() and not json_)
+    except IllegalTransition as exc:  # pragma: no cover - raced with another dispatcher
+        raise UserError(exc.message) from None
+    _report(views, json_=json_)
+
+

@@ -1,0 +1,111 @@
+"""How runs look on a terminal: the status page, the list table, the end-of-run summary."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any
+
+from rich.table import Table
+
+from orchestrator.cli import context
+from schemas.views import RunSummary, RunView
+
+STATUS_STYLE = {
+    "queued": "yellow", "running": "cyan", "succeeded": "green", "failed": "red", "cancelled": "magenta",
+}
+
+
+def bits(nats: float | None) -> str:
+    if nats is None:
+        return "-"
+    return f"{nats:.3f} nats/char ({nats / math.log(2):.3f} bits/char)"
+
+
+def when(value: datetime | None) -> str:
+    return value.astimezone().strftime("%Y-%m-%d %H:%M:%S") if value else "-"
+
+
+def human_bytes(n: int | None) -> str:
+    if n is None:
+        return "-"
+    size = float(n)
+    for unit in ("B", "kB", "MB", "GB"):
+        if size < 1000 or unit == "GB":
+            return f"{size:,.0f} {unit}" if unit == "B" else f"{size:,.1f} {unit}"
+        size /= 1000
+    return f"{n} B"
+
+
+def print_json(value: Any) -> None:
+    context.out.print_json(json.dumps(value), highlight=False)
+
+
+def status_lines(view: RunView) -> list[tuple[str, str]]:
+    style = STATUS_STYLE.get(view.status.value, "")
+    status = f"[{style}]{view.status.value}[/{style}]"
+    if view.stage:
+        status += f" (stage {view.stage.value})"
+    rows = [("status", status)]
+    if view.error:
+        rows.append(("error", f"[red]{view.error}[/red]"))
+    for repo in view.repos or [{"spec": r.get("spec"), "commit": None} for r in view.spec.get("repos", [])]:
+        commit = (repo.get("commit") or "")[:12] or "-"
+        rows.append(("repo", f"{repo.get('spec')} @ {commit}"))
+    if view.corpus:
+        c = view.corpus
+        rows.append(("corpus", f"{c.get('files')} files, {human_bytes(c.get('bytes'))}, "
+                               f"{c.get('vocab_size')} distinct chars ({c.get('key')})"))
+    if view.total_steps:
+        rows.append(("progress", f"step {view.step or 0}/{view.total_steps}"))
+    m = view.metrics
+    if m:
+        speed = f", {m['chars_per_sec']:,.0f} chars/s" if m.get("chars_per_sec") else ""
+        train = f"{m['train_loss']:.3f}" if m.get("train_loss") is not None else "-"
+        rows.append(("loss", f"train {train}, val {bits(m.get('val_loss'))}{speed}"))
+        rows.append(("best val", bits(view.best_val_loss)))
+    for ckpt in view.checkpoints:
+        val = ckpt.meta.get("val_loss")
+        rows.append(("checkpoint", f"step {ckpt.meta.get('step')}" + (f" val {val:.3f}" if val is not None else "")
+                     + f"  {ckpt.key}"))
+    for batch in view.sample_batches:
+        rows.append(("samples", f"{batch.meta.get('n')} from step {batch.meta.get('checkpoint_step')}  {batch.key}"))
+    for a in view.attempts:
+        node = (a.node_id or "-")[:12]
+        rows.append(("attempt", f"{a.stage.value} #{a.attempt} on node {node}: {a.outcome or 'running'}"
+                     + (f" ({a.error})" if a.error else "")))
+    rows += [("created", when(view.created_at)), ("started", when(view.started_at)),
+             ("finished", when(view.finished_at))]
+    return rows
+
+
+def print_status(view: RunView) -> None:
+    context.out.print(f"[bold]run {view.id}[/bold]  {view.name}")
+    width = max(len(k) for k, _ in status_lines(view))
+    for key, value in status_lines(view):
+        context.out.print(f"  {key:<{width}}  {value}")
+
+
+def print_list(runs: Sequence[RunSummary]) -> None:
+    if not runs:
+        context.out.print("no runs")
+        return
+    table = Table(box=None, header_style="bold")
+    for column in ("id", "name", "status", "stage", "step", "best val (nats)", "created"):
+        table.add_column(column)
+    for r in runs:
+        style = STATUS_STYLE.get(r.status.value, "")
+        step = f"{r.step}/{r.total_steps}" if r.total_steps else "-"
+        best = f"{r.best_val_loss:.3f}" if r.best_val_loss is not None else "-"
+        table.add_row(r.id, r.name, f"[{style}]{r.status.value}[/{style}]",
+                      r.stage.value if r.stage else "-", step, best, when(r.created_at))
+    context.out.print(table)
+
+
+def summary_json(run: RunSummary) -> dict[str, Any]:
+    return json.loads(run.model_dump_json(include={
+        "id", "name", "status", "stage", "created_at", "started_at", "finished_at", "error",
+        "step", "total_steps", "best_val_loss",
+    }))

@@ -1,0 +1,74 @@
+"""Connecting to Ray: a private local instance (embedded default) or a cluster at RAY_ADDRESS.
+
+Local Ray binds to loopback only: `RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0` makes Ray use 127.0.0.1 as
+the node address instead of the machine's reachable one (and refuse remote worker nodes), which is
+what a single-machine deployment wants. Usage stats are off. Ray >= 2.59 turns token auth on for
+local clusters and generates the token itself; a cluster started with `RAY_AUTH_MODE=token` needs
+the same token here, from `RAY_AUTH_TOKEN`, `RAY_AUTH_TOKEN_PATH` or `~/.ray/auth_token`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+from schemas.errors import TransientError
+
+
+class RayUnavailable(TransientError):
+    """Ray cannot be started or reached."""
+
+
+def _token_configured() -> bool:
+    return bool(
+        os.environ.get("RAY_AUTH_TOKEN")
+        or os.environ.get("RAY_AUTH_TOKEN_PATH")
+        or (Path.home() / ".ray" / "auth_token").is_file()
+    )
+
+
+def connect(address: str | None, *, num_cpus: int | None = None) -> None:
+    """Start or join Ray once per process."""
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    import ray
+
+    if ray.is_initialized():
+        return
+    common = {"namespace": "charforge", "log_to_driver": False, "logging_level": logging.WARNING}
+    try:
+        if address:
+            ray.init(address=address, **common)
+        else:
+            os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+            ray.init(num_cpus=num_cpus, include_dashboard=False, **common)
+    except (ConnectionError, RuntimeError, ValueError) as exc:
+        hint = ""
+        if address and os.environ.get("RAY_AUTH_MODE") == "token" and not _token_configured():
+            hint = " (token auth is on: set RAY_AUTH_TOKEN to the cluster's token)"
+        where = f"the Ray cluster at {address}" if address else "a local Ray instance"
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise RayUnavailable(f"cannot start or reach {where}: {first}{hint}") from None
+
+
+def accelerator_resource(preferred: str | None) -> str | None:
+    """The resource training and sampling should ask for, if the cluster has any of it."""
+    import ray
+
+    resources = ray.cluster_resources()
+    name = preferred or "GPU"
+    return name if resources.get(name, 0) > 0 else None
+
+
+def cluster_cpus() -> int:
+    import ray
+
+    return int(ray.cluster_resources().get("CPU", 1))
+
+
+def shutdown() -> None:
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+
