@@ -74,6 +74,16 @@ def make_run(storage: LocalStorage, name: str, *, batches: int = 2, n: int = 3) 
     )
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models run fastest on one thread (and spinning OpenMP threads on a shared 2-core
+    machine slow every op by ~100x)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def world(tmp_path_factory) -> tuple[LocalStorage, list[RunView]]:
     storage = LocalStorage(tmp_path_factory.mktemp("store"))

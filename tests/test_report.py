@@ -11,7 +11,7 @@ from rich.console import Console
 
 from orchestrator.report import PNG_SIZE, compare_rows, compare_table, write_report
 from schemas.views import ArtifactView, MetricPoint
-from tests.test_export import make_run
+from tests.test_export import make_run, one_thread  # noqa: F401 (autouse fixture)
 from workers.storage import LocalStorage
 
 POINTS = [MetricPoint(step=s, train_loss=3.0 / (1 + s / 10)) for s in range(0, 41, 5)] + [

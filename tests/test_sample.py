@@ -20,7 +20,7 @@ from workers import keys
 from workers.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from workers.model import CharRNN
 from workers.progress import ListReporter
-from workers.sample import generate, read_samples, run_sample_stage
+from workers.sample import draw, generate, read_samples, run_sample_stage
 from workers.storage import LocalStorage
 from workers.vocab import Vocab
 
@@ -31,6 +31,16 @@ CODE = (
 ) * 4
 RUN = "ab12cd34ef56"
 CORPUS_HASH = "c0ffee" * 4
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models run fastest on one thread, and spinning OpenMP threads on a shared 2-core
+    machine slow every op by ~100x."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
@@ -61,6 +71,16 @@ def test_same_seed_same_samples_other_seed_other_samples(trained):
     assert texts(model, vocab, num_samples=4, length=60, seed=7, temperature=1.0) == first
     assert texts(model, vocab, num_samples=4, length=60, seed=8, temperature=1.0) != first
     assert len(set(first)) > 1  # rows of one batch draw independently
+
+
+def test_draw_follows_the_distribution_and_never_picks_zero_mass():
+    probs = torch.tensor([0.0, 0.2, 0.0, 0.5, 0.3]).expand(100_000, 5)
+    picks = draw(probs, torch.Generator().manual_seed(0))
+    freq = torch.bincount(picks, minlength=5).double() / len(picks)
+    assert freq[0] == 0 and freq[2] == 0
+    assert freq[1:].tolist() == pytest.approx([0.2, 0.0, 0.5, 0.3], abs=0.01)
+    one_hot = torch.tensor([[0.0, 0.0, 1.0]] * 50)
+    assert draw(one_hot, torch.Generator().manual_seed(1)).tolist() == [2] * 50
 
 
 def test_temperature_towards_zero_top_k_one_and_zero_equal_argmax(trained):
