@@ -212,8 +212,18 @@ def _new_cluster() -> PostgresCluster:
     if prefix:
         shutil.chown(root, "postgres", "postgres")
     data_dir = root / "data"
-    cmd = [*prefix, initdb, "-D", str(data_dir), "-U", "postgres", "--auth=trust", "-E", "UTF8",
-           "--no-sync"]
+    cmd = [
+        *prefix,
+        initdb,
+        "-D",
+        str(data_dir),
+        "-U",
+        "postgres",
+        "--auth=trust",
+        "-E",
+        "UTF8",
+        "--no-sync",
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     if proc.returncode != 0:
         shutil.rmtree(root, ignore_errors=True)
@@ -279,8 +289,17 @@ class SeaweedFS:
         self._choose_ports()
 
     def _choose_ports(self) -> None:
-        names = ["master", "master.grpc", "volume", "volume.grpc", "filer", "filer.grpc", "s3",
-                 "s3.grpc", "metrics"]
+        names = [
+            "master",
+            "master.grpc",
+            "volume",
+            "volume.grpc",
+            "filer",
+            "filer.grpc",
+            "s3",
+            "s3.grpc",
+            "metrics",
+        ]
         self.ports = {name: free_port() for name in names}
         self.ports["admin"], self.ports["admin.grpc"] = _admin_ports()
 
@@ -295,17 +314,32 @@ class SeaweedFS:
     def _argv(self) -> list[str]:
         p = self.ports
         return [
-            self._weed, f"-logdir={self.root / 'log'}", "mini", f"-dir={self.root / 'data'}",
-            "-ip=127.0.0.1", "-ip.bind=127.0.0.1", f"-bucket={self.bucket}",
-            "-master.telemetry=false", "-admin.ui=false", "-webdav=false",
+            self._weed,
+            f"-logdir={self.root / 'log'}",
+            "mini",
+            f"-dir={self.root / 'data'}",
+            "-ip=127.0.0.1",
+            "-ip.bind=127.0.0.1",
+            f"-bucket={self.bucket}",
+            "-master.telemetry=false",
+            "-admin.ui=false",
+            "-webdav=false",
             # A bucket nobody created must be an error, as on AWS, not appear on first upload.
-            "-s3.autoCreateBucket=false", "-volume.preStopSeconds=0",
-            f"-master.port={p['master']}", f"-master.port.grpc={p['master.grpc']}",
-            f"-volume.port={p['volume']}", f"-volume.port.grpc={p['volume.grpc']}",
-            f"-filer.port={p['filer']}", f"-filer.port.grpc={p['filer.grpc']}",
-            f"-s3.port={p['s3']}", f"-s3.port.grpc={p['s3.grpc']}",
-            f"-admin.port={p['admin']}", f"-admin.port.grpc={p['admin.grpc']}",
-            "-s3.port.iceberg=0", "-s3.port.lance=0", f"-metricsPort={p['metrics']}",
+            "-s3.autoCreateBucket=false",
+            "-volume.preStopSeconds=0",
+            f"-master.port={p['master']}",
+            f"-master.port.grpc={p['master.grpc']}",
+            f"-volume.port={p['volume']}",
+            f"-volume.port.grpc={p['volume.grpc']}",
+            f"-filer.port={p['filer']}",
+            f"-filer.port.grpc={p['filer.grpc']}",
+            f"-s3.port={p['s3']}",
+            f"-s3.port.grpc={p['s3.grpc']}",
+            f"-admin.port={p['admin']}",
+            f"-admin.port.grpc={p['admin.grpc']}",
+            "-s3.port.iceberg=0",
+            "-s3.port.lance=0",
+            f"-metricsPort={p['metrics']}",
             f"-filer.localSocket={self.root / 'filer.sock'}",
             f"-s3.localSocket={self.root / 's3.sock'}",
         ]
@@ -314,11 +348,18 @@ class SeaweedFS:
         """Start (or restart) the server and wait until an S3 PUT succeeds."""
         if self.pid is not None:
             return
-        env = {**os.environ, "AWS_ACCESS_KEY_ID": self.access_key,
-               "AWS_SECRET_ACCESS_KEY": self.secret_key}
+        env = {
+            **os.environ,
+            "AWS_ACCESS_KEY_ID": self.access_key,
+            "AWS_SECRET_ACCESS_KEY": self.secret_key,
+        }
         with open(self.output, "ab") as out:
             self._proc = subprocess.Popen(
-                self._argv(), cwd=self.root, env=env, stdout=out, stderr=subprocess.STDOUT,
+                self._argv(),
+                cwd=self.root,
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
                 start_new_session=True,  # Ctrl-C in the terminal reaches pytest, not weed
             )
         self._wait_ready(timeout)
@@ -328,16 +369,18 @@ class SeaweedFS:
         deadline = time.monotonic() + timeout
         while True:
             if self._proc is not None and self._proc.poll() is not None:
-                raise RuntimeError(f"weed exited with {self._proc.returncode}:\n"
-                                   f"{_log_tail(self.output)}")
+                raise RuntimeError(
+                    f"weed exited with {self._proc.returncode}:\n{_log_tail(self.output)}"
+                )
             try:
                 client.put_object(Bucket=self.bucket, Key="_ready", Body=b"ok")
                 return
             except Exception as exc:  # not up yet: connection refused, bucket being created, ...
                 if time.monotonic() > deadline:
                     self.stop()
-                    raise RuntimeError(f"SeaweedFS not ready after {timeout:.0f}s: {exc}\n"
-                                       f"{_log_tail(self.output)}") from None
+                    raise RuntimeError(
+                        f"SeaweedFS not ready after {timeout:.0f}s: {exc}\n{_log_tail(self.output)}"
+                    ) from None
                 time.sleep(0.1)
 
     def stop(self, kill: bool = False) -> None:
@@ -352,20 +395,31 @@ class SeaweedFS:
             proc.kill()
             proc.wait(timeout=15)
 
-    def client(self, *, secret_key: str | None = None, connect_timeout: float = 5,
-               read_timeout: float = 30, max_attempts: int = 3):  # -> botocore S3 client
+    def client(
+        self,
+        *,
+        secret_key: str | None = None,
+        connect_timeout: float = 5,
+        read_timeout: float = 30,
+        max_attempts: int = 3,
+    ):  # -> botocore S3 client
         """A raw boto3 client for this server (for checks the Storage API does not offer)."""
         import boto3
         from botocore.config import Config
 
         return boto3.session.Session().client(
-            "s3", endpoint_url=self.endpoint_url, region_name="us-east-1",
+            "s3",
+            endpoint_url=self.endpoint_url,
+            region_name="us-east-1",
             aws_access_key_id=self.access_key,
             aws_secret_access_key=secret_key or self.secret_key,
-            config=Config(connect_timeout=connect_timeout, read_timeout=read_timeout,
-                          retries={"mode": "standard", "max_attempts": max_attempts},
-                          request_checksum_calculation="when_required",
-                          response_checksum_validation="when_required"),
+            config=Config(
+                connect_timeout=connect_timeout,
+                read_timeout=read_timeout,
+                retries={"mode": "standard", "max_attempts": max_attempts},
+                request_checksum_calculation="when_required",
+                response_checksum_validation="when_required",
+            ),
         )
 
     def storage_url(self, label: str = "t") -> str:

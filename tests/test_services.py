@@ -14,8 +14,25 @@ from tests.services import PostgresDatabases, SeaweedFS, service_missing
 from workers.s3 import S3Storage
 
 # What weed would listen on if a flag were forgotten (weed mini -h).
-WEED_DEFAULT_PORTS = {9333, 19333, 8080, 18080, 9340, 19340, 8888, 18888, 8333, 18333, 23646,
-                      33646, 7333, 6060, 8181, 9101, 9327}
+WEED_DEFAULT_PORTS = {
+    9333,
+    19333,
+    8080,
+    18080,
+    9340,
+    19340,
+    8888,
+    18888,
+    8333,
+    18333,
+    23646,
+    33646,
+    7333,
+    6060,
+    8181,
+    9101,
+    9327,
+}
 
 
 def test_seaweedfs_listens_on_loopback_only_on_its_own_ports(seaweedfs: SeaweedFS) -> None:
@@ -37,7 +54,10 @@ def test_seaweedfs_env_is_what_settings_reads(seaweedfs: SeaweedFS, monkeypatch)
         monkeypatch.setenv(name, value)
     storage = load_settings().storage()
     assert isinstance(storage, S3Storage)
-    assert (storage.url, storage.endpoint_url) == (env["CHARFORGE_STORAGE_URL"], seaweedfs.endpoint_url)
+    assert (storage.url, storage.endpoint_url) == (
+        env["CHARFORGE_STORAGE_URL"],
+        seaweedfs.endpoint_url,
+    )
     storage.put_bytes("probe", b"ok")
     assert storage.get_bytes("probe") == b"ok"
     assert seaweedfs.storage_url() != seaweedfs.storage_url()

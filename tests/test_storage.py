@@ -136,8 +136,20 @@ def test_missing_key_is_artifact_not_found(storage: Storage, call: str, tmp_path
     assert not storage.exists("there/not")
 
 
-BAD_KEYS = ["../x", "a/../../x", "/abs", "a//b", "", ".", "a/.tmp-1", "x/", "a\\b", "a b", "é",
-            "a" * 1025]
+BAD_KEYS = [
+    "../x",
+    "a/../../x",
+    "/abs",
+    "a//b",
+    "",
+    ".",
+    "a/.tmp-1",
+    "x/",
+    "a\\b",
+    "a b",
+    "é",
+    "a" * 1025,
+]
 
 
 @pytest.mark.parametrize("key", BAD_KEYS)
@@ -164,8 +176,12 @@ def test_invalid_keys_are_refused_everywhere(storage: Storage, key: str, tmp_pat
 
 
 def test_check_key_accepts_the_layout_keys() -> None:
-    for key in ["corpora/0a1b/corpus.txt", "runs/abc123/checkpoints/step-5.pt",
-                "exports/ff00.tar.gz", "a.b-c_d"]:
+    for key in [
+        "corpora/0a1b/corpus.txt",
+        "runs/abc123/checkpoints/step-5.pt",
+        "exports/ff00.tar.gz",
+        "a.b-c_d",
+    ]:
         assert check_key(key) == key
 
 
@@ -220,12 +236,16 @@ def test_wrong_secret_names_the_credentials(
     use_s3_env(monkeypatch, seaweedfs)
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-the-secret")
     storage = open_storage(seaweedfs.storage_url(), endpoint_url=seaweedfs.endpoint_url)
-    with pytest.raises(StorageError, match="check AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY") as err:
+    with pytest.raises(
+        StorageError, match="check AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"
+    ) as err:
         S3_CALLS[call](storage)
     assert not isinstance(err.value, StorageUnavailable)  # retrying cannot fix a wrong key
 
 
-def test_no_credentials_at_all(seaweedfs: SeaweedFS, monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
+def test_no_credentials_at_all(
+    seaweedfs: SeaweedFS, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+):
     use_s3_env(monkeypatch, seaweedfs)
     for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
         monkeypatch.delenv(name)
@@ -255,7 +275,9 @@ def test_stopped_endpoint_is_unavailable_then_recovers(
 
     server.stop()
     for call in S3_CALLS.values():
-        with pytest.raises(StorageUnavailable, match=f"cannot reach S3 at {server.endpoint_url}") as err:
+        with pytest.raises(
+            StorageUnavailable, match=f"cannot reach S3 at {server.endpoint_url}"
+        ) as err:
             call(storage)
         assert err.value.retryable
 

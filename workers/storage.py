@@ -163,7 +163,8 @@ class LocalStorage(Storage):
             dest.parent.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=dest.parent)
         except OSError as exc:
-            raise StorageError(f"cannot write {key!r} in {self.url}: {exc.strerror or exc}") from None
+            reason = exc.strerror or exc
+            raise StorageError(f"cannot write {key!r} in {self.url}: {reason}") from None
         try:
             with os.fdopen(fd, "wb") as raw:
                 out = HashingWriter(raw)
