@@ -1,7 +1,7 @@
 """`charforge jobs report` and `charforge jobs compare`: what a run learned, and runs side by side.
 
 `write_report` writes `loss.png` (train and validation loss vs step; matplotlib's Agg backend,
-no display needed) and `report.html` (config, corpus, metrics, highlighted samples; every value
+no display needed) and `index.html` (config, corpus, metrics, highlighted samples; every value
 from a run or a sample is escaped). `compare_rows` answers "which codebase is most predictable?":
 one row per run, most predictable (lowest validation bits/char) first; `compare_table` renders
 the rows with Rich. See docs/sampling.md.
@@ -49,10 +49,10 @@ class ReportPaths:
 def write_report(
     run: RunView, metrics: Sequence[MetricPoint], storage: Storage, out_dir: Path
 ) -> ReportPaths:
-    """Write `loss.png` and `report.html` for `run` into `out_dir` (created if missing)."""
+    """Write `loss.png` and `index.html` for `run` into `out_dir` (created if missing)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     png = out_dir / "loss.png"
-    page = out_dir / "report.html"
+    page = out_dir / "index.html"
     _atomic_write(png, plot_losses(run, metrics))
     _atomic_write(page, render_html(run, metrics, storage, png.name).encode())
     return ReportPaths(html=page, png=png)
