@@ -9,4 +9,4 @@ os.environ.setdefault("RAY_DISABLE_IMPORT_WARNING", "1")
 os.environ.pop("CHARFORGE_HOME", None)
 os.environ.pop("RAY_ADDRESS", None)
 
-pytest_plugins: list[str] = ["tests.services"]
+pytest_plugins: list[str] = ["tests.services", "tests.gitserver"]
