@@ -1,0 +1,100 @@
+"""`charforge corpus build|inspect` through Typer's runner: exact outputs and exit codes."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from orchestrator.cli import app
+from orchestrator.cli.corpus import corpus_app, parse_size
+from schemas.errors import InvalidSpec
+from tests.gitserver import hostile_files, source_files
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def hostile(git_server):
+    return git_server.publish(git_server.unique("acme/cli"), hostile_files())
+
+
+def test_build_writes_corpus_and_manifest(git_server, hostile, tmp_path):
+    out = tmp_path / "corpus.txt"
+    result = runner.invoke(corpus_app, ["build", hostile.name, "--out", str(out),
+                                        "--git-base-url", git_server.base_url])
+    assert result.exit_code == 0, result.output
+    assert result.stdout == (
+        f"wrote {out}: 6 files, {out.stat().st_size} bytes, vocabulary 65; skipped 13\n"
+        f"manifest: {out}.manifest.json\n"
+    )
+    manifest = json.loads((tmp_path / "corpus.txt.manifest.json").read_text())
+    assert manifest["repos"][0]["commit"] == hostile.commit
+    assert out.read_bytes().startswith(b"# .gitattributes\n")
+
+
+def test_inspect_prints_the_summary_without_writing(git_server, hostile, monkeypatch, tmp_path):
+    monkeypatch.setenv("CHARFORGE_GIT_BASE_URL", git_server.base_url)
+    monkeypatch.chdir(tmp_path)
+    result = runner.invoke(app, ["corpus", "inspect", hostile.name, "--lang", "c,lua", "--top", "3"])
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert lines[:4] == ["repos:", f"  {hostile.name}  {hostile.commit[:12]} (main)  3 files, 2.9 KiB",
+                         "kept: 3 files, 3.0 KiB of corpus text (3063 characters, vocabulary 52)",
+                         "skipped: 16"]
+    assert "  language       6" in lines and "  symlink        3" in lines
+    assert lines[-3:] == ["  c                 1.8 KiB   62.1%  2 files", "  lua               1.1 KiB   37.9%  1 files",
+                          'top characters: " " 16.8%  "n" 8.5%  "\\n" 7.9%']
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_inspect_json(git_server, hostile):
+    result = runner.invoke(corpus_app, ["inspect", hostile.name, "--json", "--no-header",
+                                        "--git-base-url", git_server.base_url])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert summary["totals"]["files"] == 6 and summary["config"]["file_header"] is False
+    assert summary["totals"]["bytes"] == sum(len(source_files()[p]) for p in source_files()) + len(
+        hostile_files()[".gitattributes"])
+    assert "files" not in summary
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["inspect", "acme/nope"], "error: repository not found (or not public): acme/nope ({base}acme/nope)\n"),
+    (["inspect", "ext::sh -c id"], "error: repo spec 'ext::sh -c id' names a git remote helper (ext::, fd::): refused\n"),
+    (["inspect", "x/y", "--lang", "pyhton"],
+     "error: bad corpus option langs: Value error, unknown language pyhton (use identify tags such as c, lua, python)\n"),
+    (["build", "x/y", "--out", "c.txt", "--max-file-size", "lots"],
+     "error: cannot read size 'lots': use bytes or a K/M/G suffix, e.g. 1M\n"),
+])
+def test_user_errors_are_one_line_and_exit_1(git_server, args, message):
+    result = runner.invoke(corpus_app, [*args, "--git-base-url", git_server.base_url])
+    assert result.exit_code == 1
+    assert result.stderr == message.format(base=git_server.base_url)
+
+
+def test_empty_corpus_error_through_the_cli(tmp_path):
+    (tmp_path / "only.bin").write_bytes(b"\0\0")
+    result = runner.invoke(corpus_app, ["build", str(tmp_path), "--out", str(tmp_path / "c.txt")])
+    assert result.exit_code == 1
+    assert result.stderr == "error: corpus is empty after filters: 1 files skipped (binary: 1)\n"
+    assert not (tmp_path / "c.txt").exists()
+
+
+def test_sizes():
+    assert [parse_size(s) for s in ("1000", "512K", "1M", "1.5GiB", "2g")] == [
+        1000, 512 * 1024, 1024 ** 2, int(1.5 * 1024 ** 3), 2 * 1024 ** 3]
+    with pytest.raises(InvalidSpec):
+        parse_size("-1M")
+
+
+def test_output_inside_the_folder_is_never_read(tmp_path):
+    (tmp_path / "a.py").write_text("a = 1\n")
+    out = tmp_path / "corpus.txt"
+    for _ in range(2):  # the second build must not swallow the first one's corpus or manifest
+        result = runner.invoke(corpus_app, ["build", str(tmp_path), "--out", str(out)])
+        assert result.exit_code == 0, result.output
+        assert out.read_text() == "# a.py\na = 1\n"
+    manifest = json.loads((tmp_path / "corpus.txt.manifest.json").read_text())
+    assert [f["path"] for f in manifest["files"]] == ["a.py"] and manifest["skipped"] == []

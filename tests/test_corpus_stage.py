@@ -1,0 +1,170 @@
+"""The corpus stage as the pipeline runs it: combining repos, the cache, and the ways a build
+stops (empty after filters, over the total cap, a repo gone) without leaving anything behind."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+import pytest
+
+from schemas.corpus import CorpusConfig
+from schemas.errors import CorpusError, RepoError
+from schemas.events import EventKind
+from schemas.repo import parse_repo_spec
+from tests.gitserver import Symlink, make_repo, source_files, tiny_png
+from workers.corpus import run_corpus_stage, run_fetch_stage
+from workers.corpus import builder
+from workers.corpus.builder import CorpusBuilder, SourceTree
+from workers.corpus.manifest import ManifestWriter
+from workers.corpus.sources import GitView
+from workers.progress import NULL_REPORTER, ListReporter
+from workers.storage import LocalStorage
+
+
+def _stages(storage, git_server, specs, config=CorpusConfig(), scratch=None, reporter=None):
+    reporter = reporter or ListReporter("corpus")
+    fetch = run_fetch_stage(storage, [parse_repo_spec(s) for s in specs], config,
+                            git_base_url=git_server.base_url, reporter=reporter)
+    result = run_corpus_stage(storage, fetch, config, git_base_url=git_server.base_url,
+                              reporter=reporter, scratch_dir=scratch)
+    return fetch, result
+
+
+@pytest.fixture
+def storage(tmp_path):
+    return LocalStorage(tmp_path / "store")
+
+
+@pytest.fixture
+def scratch(tmp_path):
+    path = tmp_path / "scratch"
+    path.mkdir()
+    return path
+
+
+def test_combine_makes_one_corpus_naming_both_commits(git_server, storage):
+    a = git_server.publish(git_server.unique("acme/left"), {"a.py": b"x = 1\n"})
+    b = git_server.publish(git_server.unique("acme/right"), {"b.lua": b"local y = 2\n"})
+    fetch, result = _stages(storage, git_server, [a.name, b.name])
+    assert [r.commit for r in fetch.repos] == [a.commit, b.commit]
+    assert storage.get_bytes(result.text_key) == (
+        f"# {a.name}/a.py\nx = 1\n-- {b.name}/b.lua\nlocal y = 2\n".encode()
+    )
+    manifest = json.loads(storage.get_bytes(result.manifest_key))
+    assert [(r["spec"], r["commit"], r["files"]) for r in manifest["repos"]] == [
+        (a.name, a.commit, 1), (b.name, b.commit, 1)
+    ]
+    assert [(f["repo"], f["path"]) for f in manifest["files"]] == [(0, "a.py"), (1, "b.lua")]
+    # Without --combine the dispatcher runs each repo on its own: two corpora, two keys.
+    _, alone_a = _stages(storage, git_server, [a.name])
+    _, alone_b = _stages(storage, git_server, [b.name])
+    assert len({result.hash, alone_a.hash, alone_b.hash}) == 3
+    assert storage.get_bytes(alone_a.text_key) == b"# a.py\nx = 1\n"
+
+
+def test_same_spec_twice_builds_once(git_server, storage, tmp_path):
+    repo = git_server.publish(git_server.unique("acme/once"), source_files())
+    first_fetch, first = _stages(storage, git_server, [repo.name])
+    assert not first_fetch.cached and not first.cached
+    reporter = ListReporter("corpus")
+    second_fetch = run_fetch_stage(storage, [parse_repo_spec(repo.name)], CorpusConfig(),
+                                   git_base_url=git_server.base_url, reporter=reporter)
+    assert second_fetch.cached and second_fetch.corpus_hash == first.hash
+    git_server.remove(repo.name)  # from here on, any clone would fail
+    second = run_corpus_stage(storage, second_fetch, CorpusConfig(), git_base_url=git_server.base_url,
+                              reporter=reporter, scratch_dir=tmp_path)
+    assert second.cached
+    assert second.model_dump(exclude={"cached"}) == first.model_dump(exclude={"cached"})
+    assert [a["kind"] for a in reporter.of(EventKind.ARTIFACT)] == ["corpus", "manifest"]
+    assert all(a["meta"] == {"cached": True} for a in reporter.of(EventKind.ARTIFACT))
+    # A fetch that did not know (another run built it meanwhile) is reused too.
+    assert run_corpus_stage(storage, first_fetch, CorpusConfig(), git_base_url=git_server.base_url,
+                            reporter=NULL_REPORTER).cached
+
+
+def test_different_filters_make_a_different_corpus(git_server, storage):
+    repo = git_server.publish(git_server.unique("acme/filters"), source_files())
+    _, everything = _stages(storage, git_server, [repo.name])
+    fetch, only_lua = _stages(storage, git_server, [repo.name], CorpusConfig(langs=("lua",)))
+    assert not fetch.cached and only_lua.hash != everything.hash
+    assert only_lua.files == 1 and only_lua.main_language == "lua"
+
+
+def test_all_files_filtered_out_fails_with_counts(git_server, storage, scratch):
+    repo = git_server.publish(git_server.unique("acme/blobs"), {
+        "logo.png": tiny_png(), "data.bin": b"\0\1\2" * 100, "link": Symlink("/etc/passwd"),
+    })
+    with pytest.raises(CorpusError) as err:
+        _stages(storage, git_server, [repo.name], scratch=scratch)
+    assert str(err.value) == "corpus is empty after filters: 4 files skipped (binary: 2, symlink: 1, vcs: 1)"
+    assert list(storage.list()) == [] and list(scratch.iterdir()) == []
+
+
+def test_total_cap_stops_the_build_with_a_clear_message(git_server, storage, scratch):
+    files = {f"src/m{i:03}.py": f"# module {i}\n".encode() + b"x = 1\n" * 200 for i in range(100)}
+    repo = git_server.publish(git_server.unique("acme/big"), files)
+    with pytest.raises(CorpusError) as err:
+        _stages(storage, git_server, [repo.name], CorpusConfig(max_total_bytes=10_000), scratch=scratch)
+    assert str(err.value) == (
+        "corpus is larger than the total size cap of 9.8 KiB: stopped after 8 files (9.6 KiB); "
+        "narrow it with --include/--exclude/--lang or raise the cap (--max-total-size, "
+        "corpus.max_total_bytes)"
+    )
+    assert list(storage.list()) == [] and list(scratch.iterdir()) == []
+
+
+def test_scratch_is_removed_when_the_fetch_fails(git_server, storage, scratch):
+    repo = git_server.publish(git_server.unique("acme/gone"), source_files())
+    fetch = run_fetch_stage(storage, [parse_repo_spec(repo.name)], CorpusConfig(),
+                            git_base_url=git_server.base_url, reporter=NULL_REPORTER)
+    git_server.remove(repo.name)
+    with pytest.raises(RepoError, match=f"repository not found .*: {repo.name}"):
+        run_corpus_stage(storage, fetch, CorpusConfig(), git_base_url=git_server.base_url,
+                         reporter=NULL_REPORTER, scratch_dir=scratch)
+    assert list(scratch.iterdir()) == []
+
+
+def test_submodule_contents_are_never_fetched(git_server, storage, tmp_path):
+    work = tmp_path / "with-submodule"
+    make_repo(work, source_files())
+    # A gitlink (mode 160000) as `git submodule add` records it, pointing at some commit.
+    commit = subprocess.run(["git", "-C", str(work), "rev-parse", "HEAD"], capture_output=True,
+                            text=True, check=True).stdout.strip()
+    subprocess.run(["git", "-C", str(work), "update-index", "--add", "--cacheinfo", f"160000,{commit},deps/lib"],
+                   check=True)
+    subprocess.run(["git", "-C", str(work), "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "sub"],
+                   check=True)
+    fetch, result = _stages(storage, git_server, [str(work)])
+    manifest = json.loads(storage.get_bytes(result.manifest_key))
+    assert {"path": "deps/lib/", "reason": "submodule", "repo": 0, "bytes": 0} in manifest["skipped"]
+
+
+def _build_plain(folder, tmp_path, *, jobs, inline_files):
+    out = tmp_path / f"corpus-{jobs}.txt"
+    parts = tmp_path / f"parts-{jobs}"
+    manifest = ManifestWriter(parts)
+    tree = SourceTree(folder, "", GitView(folder, plain_git_dir=tmp_path / f"git-{jobs}"))
+    with open(out, "wb") as sink:
+        stats = CorpusBuilder(CorpusConfig(), sink, manifest, NULL_REPORTER, jobs=jobs,
+                              inline_files=inline_files).build([tree])
+    with open(tmp_path / f"manifest-{jobs}.json", "wb") as fh:
+        manifest.write(fh, {"totals": stats.totals()})
+    manifest.close()
+    return out.read_bytes(), (tmp_path / f"manifest-{jobs}.json").read_bytes()
+
+
+def test_process_pool_gives_the_same_corpus_as_one_process(tmp_path):
+    folder = tmp_path / "tree"
+    for d in range(6):
+        for f in range(60):
+            path = folder / f"d{d}" / f"f{f:02}.py"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            body = f"def f{d}_{f}():\n    return {d * f}\n" * (1 + f % 7)
+            path.write_text(body if f % 13 else "x = 1\n")  # some duplicates too
+    (folder / "d3" / "blob.bin").write_bytes(b"\0" * 10)
+    assert builder.BATCH_FILES < 360  # several batches, so order across workers matters
+    one = _build_plain(folder, tmp_path, jobs=1, inline_files=0)
+    pool = _build_plain(folder, tmp_path, jobs=2, inline_files=0)
+    assert pool == one
+    assert b"# d5/f59.py\n" in one[0]

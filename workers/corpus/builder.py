@@ -1,0 +1,293 @@
+"""The corpus build: walk -> path rules -> content checks (on every core) -> one ordered stream.
+
+Memory stays flat whatever the corpus size: the walk is a generator, files travel in small
+batches, at most `2 x jobs` batches are in flight, the corpus goes straight to its file, and the
+manifest's per-file records go to disk. Order is the walk's (sorted paths), whatever order the
+workers finish in, because batches are consumed in the order they were submitted.
+"""
+
+from __future__ import annotations
+
+import itertools
+import multiprocessing
+import os
+import time
+from collections import Counter, deque
+from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import Future, ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+import numpy as np
+
+from schemas.corpus import CorpusConfig
+from schemas.errors import CorpusError
+from workers.corpus import paths as P
+from workers.corpus.content import ContentRules, Item, Outcome, examine_batch
+from workers.corpus.manifest import ManifestWriter, human_size
+from workers.corpus.sources import Found, GitView, Skipped, walk
+from workers.progress import Reporter
+from workers.storage import HashingWriter
+
+CHUNK_ENTRIES = 2048  # paths per `git check-attr` call
+BATCH_FILES = 64  # files per task sent to a worker
+BATCH_BYTES = 4 * 1024 * 1024  # ... or fewer, when they are big
+INLINE_FILES = 1024  # files examined in-process before a pool is worth starting
+PROGRESS_EVERY = 0.5  # seconds between progress reports
+
+
+def default_jobs() -> int:
+    return max(1, min(len(os.sched_getaffinity(0)), 8))
+
+
+@dataclass
+class SourceTree:
+    """One repository's files as the builder sees them."""
+
+    root: Path
+    label: str  # prefix of header paths when several repos are combined; "" otherwise
+    git: GitView
+    marks: dict[str, str] = field(default_factory=dict)  # git links/submodules (checkouts)
+    attrs_above: bool = False  # .gitattributes may exist above root (a subdirectory spec)
+
+
+@dataclass
+class BuildStats:
+    repos: int
+    files: int = 0
+    bytes: int = 0  # corpus text, headers included
+    source_bytes: int = 0  # the kept files' own sizes
+    skipped: int = 0
+    examined: int = 0
+    by_reason: Counter[str] = field(default_factory=Counter)
+    files_by_language: Counter[str] = field(default_factory=Counter)
+    bytes_by_language: Counter[str] = field(default_factory=Counter)
+    ascii: np.ndarray = field(default_factory=lambda: np.zeros(128, dtype=np.int64))
+    other: Counter[str] = field(default_factory=Counter)
+    repo_files: list[int] = field(default_factory=list)
+    repo_bytes: list[int] = field(default_factory=list)
+    text_sha256: str = ""
+
+    def __post_init__(self) -> None:
+        self.repo_files = [0] * self.repos
+        self.repo_bytes = [0] * self.repos
+
+    def vocab(self) -> list[tuple[str, int]]:
+        pairs = [(chr(i), int(n)) for i, n in enumerate(self.ascii) if n]
+        pairs += list(self.other.items())
+        return sorted(pairs, key=lambda p: (-p[1], p[0]))
+
+    def main_language(self) -> str | None:
+        named = [(n, lang) for lang, n in self.bytes_by_language.items() if lang != "other"]
+        return max(named)[1] if named else None
+
+    def totals(self) -> dict[str, Any]:
+        vocab = self.vocab()
+        return {
+            "files": self.files,
+            "bytes": self.bytes,
+            "source_bytes": self.source_bytes,
+            "chars": sum(n for _, n in vocab),
+            "vocab_size": len(vocab),
+            "main_language": self.main_language(),
+            "skipped": self.skipped,
+            "skipped_by_reason": dict(sorted(self.by_reason.items())),
+            "files_by_language": dict(self.files_by_language.most_common()),
+            "bytes_by_language": dict(self.bytes_by_language.most_common()),
+        }
+
+
+def _context() -> multiprocessing.context.BaseContext:
+    # Never fork: the builder may run inside a Ray worker full of threads. A forkserver starts
+    # workers from a clean process that has imported the content module once.
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(["workers.corpus.content"])
+    return ctx
+
+
+class _Runner:
+    """Runs `examine_batch` in-process for small trees, on a process pool once a tree is big."""
+
+    def __init__(self, jobs: int, inline_files: int) -> None:
+        self.jobs = jobs
+        self._inline_left = inline_files
+        self._pool: ProcessPoolExecutor | None = None
+
+    @property
+    def window(self) -> int:
+        return 2 * self.jobs if self._pool else 1
+
+    def submit(self, root: str, items: list[Item], rules: ContentRules) -> Future[list[Outcome]]:
+        if self._pool is None and (self.jobs <= 1 or self._inline_left > 0):
+            self._inline_left -= len(items)
+            future: Future[list[Outcome]] = Future()
+            future.set_result(examine_batch(root, items, rules))
+            return future
+        if self._pool is None:
+            self._pool = ProcessPoolExecutor(self.jobs, mp_context=_context())
+        return self._pool.submit(examine_batch, root, items, rules)
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+@dataclass
+class _Batch:
+    tree: int
+    slots: list[Skipped | Item]  # in walk order; Items are examined by a worker
+    future: Future[list[Outcome]] | None = None
+
+
+def content_rules(config: CorpusConfig) -> ContentRules:
+    return ContentRules(
+        max_file_bytes=config.max_file_bytes, max_line_length=config.max_line_length,
+        invalid_utf8=config.invalid_utf8, normalize_newlines=config.normalize_newlines,
+        file_header=config.file_header, langs=frozenset(config.langs),
+    )
+
+
+def _chunks(entries: Iterable[Found | Skipped], size: int) -> Iterator[list[Found | Skipped]]:
+    it = iter(entries)
+    while chunk := list(itertools.islice(it, size)):
+        yield chunk
+
+
+class CorpusBuilder:
+    """Builds one corpus from one or more trees into `out`, recording every file in `manifest`."""
+
+    def __init__(
+        self, config: CorpusConfig, out: IO[bytes], manifest: ManifestWriter, reporter: Reporter,
+        *, jobs: int | None = None, inline_files: int | None = None,
+    ) -> None:
+        self.config = config
+        self.rules = P.PathRules(config)
+        self.content = content_rules(config)
+        self.out = HashingWriter(out)
+        self.manifest = manifest
+        self.reporter = reporter
+        self.runner = _Runner(jobs or default_jobs(), INLINE_FILES if inline_files is None else inline_files)
+        self._seen: dict[bytes, tuple[int, str]] = {}
+        self._last_report = 0.0
+
+    def build(self, trees: Sequence[SourceTree]) -> BuildStats:
+        self.stats = BuildStats(repos=len(trees))
+        self._labels = [tree.label for tree in trees]
+        queue: deque[_Batch] = deque()
+        try:
+            for index, tree in enumerate(trees):
+                for batch in self._batches(index, tree):
+                    queue.append(batch)
+                    while len(queue) > self.runner.window:
+                        self._consume(queue.popleft())
+            while queue:
+                self._consume(queue.popleft())
+        finally:
+            self.runner.close()
+        self.stats.text_sha256 = self.out.sha256
+        self._report(force=True)
+        if self.stats.files == 0:
+            raise CorpusError(empty_message(self.stats))
+        return self.stats
+
+    def _batches(self, index: int, tree: SourceTree) -> Iterator[_Batch]:
+        root = str(tree.root)
+        entries = walk(tree.root, self.rules, marks=tree.marks, attrs_above=tree.attrs_above)
+        for chunk in _chunks(entries, CHUNK_ENTRIES):
+            found = [e for e in chunk if isinstance(e, Found)]
+            attrs = tree.git.attributes([f.rel for f in found if f.attr_scope])
+            ignored = tree.git.ignored([f.rel for f in found if f.ignore_scope])
+            batch, size = _Batch(index, []), 0
+            for entry in chunk:
+                slot = self._slot(entry, tree, attrs, ignored)
+                batch.slots.append(slot)
+                if isinstance(slot, Item):
+                    size += entry.size
+                    if len(batch.slots) >= BATCH_FILES or size >= BATCH_BYTES:
+                        yield self._submit(batch, root)
+                        batch, size = _Batch(index, []), 0
+            if batch.slots:
+                yield self._submit(batch, root)
+
+    def _slot(self, entry: Found | Skipped, tree: SourceTree, attrs: dict, ignored: set) -> Skipped | Item:
+        if isinstance(entry, Skipped):
+            return entry
+        reason, detail = self.rules.classify(entry.rel, entry.size, attrs.get(entry.rel), entry.rel in ignored)
+        if reason:
+            return Skipped(entry.rel, reason, entry.size, detail)
+        name = entry.rel.rsplit("/", 1)[-1]
+        display = f"{tree.label}/{entry.rel}" if tree.label else entry.rel
+        return Item(entry.rel, display, P.language_of(P.filename_tags(name)))
+
+    def _submit(self, batch: _Batch, root: str) -> _Batch:
+        items = [s for s in batch.slots if isinstance(s, Item)]
+        if items:
+            batch.future = self.runner.submit(root, items, self.content)
+        return batch
+
+    def _consume(self, batch: _Batch) -> None:
+        outcomes = iter(batch.future.result() if batch.future else ())
+        for slot in batch.slots:
+            if isinstance(slot, Skipped):
+                self._skip(batch.tree, slot.rel, slot.reason, slot.size, slot.detail)
+            else:
+                self._accept(batch.tree, next(outcomes))
+        self._report()
+
+    def _skip(self, tree: int, rel: str, reason: str, size: int, detail: str | None) -> None:
+        self.stats.skipped += 1
+        self.stats.by_reason[reason] += 1
+        self.manifest.skipped(tree, rel, reason, size, detail)
+
+    def _accept(self, tree: int, outcome: Outcome) -> None:
+        stats = self.stats
+        stats.examined += 1
+        if outcome.reason is not None:
+            self._skip(tree, outcome.rel, outcome.reason, outcome.size, outcome.detail)
+            return
+        assert outcome.sha256 is not None and outcome.payload is not None
+        if self.config.dedupe:
+            first = self._seen.setdefault(outcome.sha256, (tree, outcome.rel))
+            if first != (tree, outcome.rel):
+                self._skip(tree, outcome.rel, P.DUPLICATE, outcome.size, self._same_as(first))
+                return
+        if stats.bytes + len(outcome.payload) > self.config.max_total_bytes:
+            raise CorpusError(cap_message(self.config.max_total_bytes, stats))
+        self.out.write(outcome.payload)
+        language = outcome.language or "other"
+        stats.files += 1
+        stats.bytes += len(outcome.payload)
+        stats.source_bytes += outcome.size
+        stats.repo_files[tree] += 1
+        stats.repo_bytes[tree] += outcome.size
+        stats.files_by_language[language] += 1
+        stats.bytes_by_language[language] += outcome.size
+        stats.ascii += outcome.ascii_counts
+        if outcome.other_counts:
+            stats.other.update(outcome.other_counts)
+        self.manifest.kept(tree, outcome.rel, outcome.size, outcome.sha256.hex(), outcome.language)
+
+    def _same_as(self, first: tuple[int, str]) -> str:
+        label = self._labels[first[0]]
+        return f"same as {label}/{first[1]}" if label else f"same as {first[1]}"
+
+    def _report(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if force or now - self._last_report >= PROGRESS_EVERY:
+            self._last_report = now
+            s = self.stats
+            self.reporter.progress(s.files + s.skipped, None, files=s.files, bytes=s.bytes, skipped=s.skipped)
+
+
+def empty_message(stats: BuildStats) -> str:
+    reasons = ", ".join(f"{r}: {n}" for r, n in sorted(stats.by_reason.items(), key=lambda kv: (-kv[1], kv[0])))
+    return f"corpus is empty after filters: {stats.skipped} files skipped ({reasons or 'no files at all'})"
+
+
+def cap_message(cap: int, stats: BuildStats) -> str:
+    return (
+        f"corpus is larger than the total size cap of {human_size(cap)}: stopped after {stats.files} "
+        f"files ({human_size(stats.bytes)}); narrow it with --include/--exclude/--lang or raise the cap "
+        "(--max-total-size, corpus.max_total_bytes)"
+    )

@@ -1,0 +1,100 @@
+"""The manifest stored beside corpus.txt: what went in, what did not and why, and the vocabulary.
+
+Per-file records stream to temporary JSON-lines files while the corpus is written, then the
+manifest is assembled from them, so its size never has to fit in memory while building.
+Layout (docs/corpus.md has an example): format_version, hash, repos, config, totals, text,
+vocab, files, skipped.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import IO, Any
+
+FORMAT_VERSION = 1
+_ENCODE = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+
+
+class ManifestWriter:
+    """Collects kept/skipped records on disk; `write` emits the manifest JSON."""
+
+    def __init__(self, scratch: Path) -> None:
+        scratch.mkdir(parents=True, exist_ok=True)
+        self._kept = open(scratch / "kept.jsonl", "w+", encoding="utf-8")
+        self._skipped = open(scratch / "skipped.jsonl", "w+", encoding="utf-8")
+
+    def kept(self, repo: int, path: str, size: int, sha256: str, language: str | None) -> None:
+        self._kept.write(_ENCODE({"repo": repo, "path": path, "bytes": size, "sha256": sha256,
+                                  "language": language}) + "\n")
+
+    def skipped(self, repo: int, path: str, reason: str, size: int, detail: str | None) -> None:
+        record: dict[str, Any] = {"repo": repo, "path": path, "reason": reason, "bytes": size}
+        if detail:
+            record["detail"] = detail
+        self._skipped.write(_ENCODE(record) + "\n")
+
+    def write(self, out: IO[bytes], head: dict[str, Any]) -> None:
+        """`head` (everything but the file lists) followed by "files" and "skipped"."""
+        body = json.dumps(head, ensure_ascii=False, indent=1)
+        out.write(body[:-2].encode("utf-8"))  # drop the closing "\n}" to append the lists
+        for name, fh in (("files", self._kept), ("skipped", self._skipped)):
+            out.write(f',\n "{name}": [\n'.encode())
+            fh.flush()
+            fh.seek(0)
+            first = True
+            for line in fh:
+                out.write(((b"" if first else b",\n") + line.rstrip("\n").encode("utf-8")))
+                first = False
+            out.write(b"\n ]")
+        out.write(b"\n}\n")
+
+    def close(self) -> None:
+        self._kept.close()
+        self._skipped.close()
+
+
+def read_manifest(fh: IO[bytes]) -> dict[str, Any]:
+    return json.load(fh)
+
+
+def summary_of(manifest: dict[str, Any]) -> dict[str, Any]:
+    """The manifest without its per-file lists: what `corpus inspect --json` prints."""
+    return {k: v for k, v in manifest.items() if k not in ("files", "skipped")}
+
+
+def human_size(n: float) -> str:
+    for unit in ("bytes", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"
+
+
+def _char(c: str) -> str:
+    return json.dumps(c, ensure_ascii=False)  # quoted, so " " and "\n" are visible
+
+
+def format_summary(summary: dict[str, Any], *, top: int = 20) -> str:
+    """A human-readable summary: repos, files kept/skipped by reason, languages, top characters."""
+    t = summary["totals"]
+    lines = ["repos:"]
+    for repo in summary["repos"]:
+        commit = repo["commit"][:12] if repo["commit"] else "plain folder"
+        ref = f" ({repo['ref']})" if repo.get("ref") else ""
+        lines.append(f"  {repo['spec']}  {commit}{ref}  {repo['files']} files, {human_size(repo['bytes'])}")
+    lines.append(f"kept: {t['files']} files, {human_size(t['bytes'])} of corpus text "
+                 f"({t['chars']} characters, vocabulary {t['vocab_size']})")
+    lines.append(f"skipped: {t['skipped']}")
+    for reason, n in sorted(t["skipped_by_reason"].items(), key=lambda kv: (-kv[1], kv[0])):
+        lines.append(f"  {reason:<14} {n}")
+    lines.append("bytes by language:")
+    total = max(1, sum(t["bytes_by_language"].values()))
+    for lang, n in list(t["bytes_by_language"].items()):
+        files = t["files_by_language"][lang]
+        lines.append(f"  {lang:<14} {human_size(n):>10}  {100 * n / total:5.1f}%  {files} files")
+    chars = max(1, t["chars"])
+    shown = "  ".join(f"{_char(c)} {100 * n / chars:.1f}%" for c, n in summary["vocab"][:top])
+    lines.append(f"top characters: {shown}")
+    return "\n".join(lines)
+
