@@ -327,6 +327,8 @@ class SeaweedFS:
             # A bucket nobody created must be an error, as on AWS, not appear on first upload.
             "-s3.autoCreateBucket=false",
             "-volume.preStopSeconds=0",
+            # One master: without this, writes after a restart hang ~15 s until it re-elects itself.
+            "-master.electionTimeout=1s",
             f"-master.port={p['master']}",
             f"-master.port.grpc={p['master.grpc']}",
             f"-volume.port={p['volume']}",
