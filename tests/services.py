@@ -228,9 +228,16 @@ def _new_cluster() -> PostgresCluster:
     if proc.returncode != 0:
         shutil.rmtree(root, ignore_errors=True)
         raise RuntimeError(f"initdb failed: {proc.stderr.strip()}")
-    cluster = PostgresCluster(pg_ctl, root, data_dir, free_port(), prefix)
-    cluster.start()
-    return cluster
+    for attempt in range(3):
+        cluster = PostgresCluster(pg_ctl, root, data_dir, free_port(), prefix)
+        try:
+            cluster.start()
+            return cluster
+        except RuntimeError:
+            if attempt == 2:  # not a port taken between choosing and binding, then
+                shutil.rmtree(root, ignore_errors=True)
+                raise
+    raise AssertionError("unreachable")
 
 
 @pytest.fixture
