@@ -43,7 +43,10 @@ def test_round_trip(storage: Storage, tmp_path: Path) -> None:
         assert fh.read() == data[13:]
     with storage.local_path(info.key) as path:
         assert path.read_bytes() == data
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "copy").write_bytes(b"stale")
     assert storage.download(info.key, tmp_path / "out" / "copy").read_bytes() == data
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["copy"]  # no temp file left
 
 
 def test_overwrite_replaces_the_whole_object(storage: Storage) -> None:
@@ -134,6 +137,7 @@ def test_missing_key_is_artifact_not_found(storage: Storage, call: str, tmp_path
         with pytest.raises(ArtifactNotFound, match="no object"):
             actions[call](key)
     assert not storage.exists("there/not")
+    assert not (tmp_path / "dl").exists()
 
 
 BAD_KEYS = [

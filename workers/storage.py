@@ -141,9 +141,17 @@ class Storage(ABC):
             return fh.read()
 
     def download(self, key: str, dest: Path) -> Path:
+        """Copy an object to `dest`; a download cut short leaves no truncated file there."""
         dest.parent.mkdir(parents=True, exist_ok=True)
-        with self.open(key) as src, open(dest, "wb") as out:
-            shutil.copyfileobj(src, out, CHUNK)
+        with self.open(key) as src:
+            fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", dir=dest.parent)
+            try:
+                with os.fdopen(fd, "wb") as out:
+                    shutil.copyfileobj(src, out, CHUNK)
+                os.replace(tmp, dest)
+            except BaseException:
+                Path(tmp).unlink(missing_ok=True)
+                raise
         return dest
 
 
