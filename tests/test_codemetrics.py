@@ -6,10 +6,12 @@ import pytest
 
 from workers.codemetrics import (
     SYNTAXES,
+    IndentStyle,
     TextCounts,
     batch_metrics,
     layout,
     lex_errors,
+    indent_style,
     lexer_for,
     measure,
     metrics,
@@ -92,6 +94,17 @@ def test_indentation_consistency():
     tabs = "int f() {\n\tif (x) {\n\t\ty();\n\t}\n}\n"
     assert metrics(tabs)["indent_consistency"] == 1.0
     assert metrics("flat\ntext\n")["indent_consistency"] is None
+
+
+def test_indent_style_and_checking_a_sample_against_the_corpus_style():
+    assert indent_style("def f():\n    return 1\n") == IndentStyle(" ", 4)
+    assert indent_style("int f() {\n\treturn 0;\n}\n") == IndentStyle("\t", 1)
+    assert indent_style("a\n  b\nc\n    d\n") == IndentStyle(" ", 2)  # a tie goes to the smaller
+    assert indent_style("flat\n") is None
+    sample = "if x:\n  y\n  z\n"
+    assert metrics(sample)["indent_consistency"] == 1.0  # by its own 2-space style
+    four = IndentStyle(" ", 4)
+    assert measure(sample, style=four).ratios()["indent_consistency"] == 0.0  # not the corpus's
 
 
 def test_counts_add_up_to_a_batch_micro_average():

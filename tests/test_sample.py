@@ -229,6 +229,7 @@ def test_sample_stage_writes_jsonl_and_reports_the_batch(tmp_path, trained):
     meta = artifact["meta"]
     assert meta["n"] == 4 and meta["checkpoint_step"] == 40 and meta["seed"] == first["seed"]
     assert meta["corpus_metrics"]["bracket_balance"] == 1.0
+    assert meta["corpus_metrics"]["indent"] == "4 spaces"
     assert meta["corpus_metrics"]["bits_per_char"] == pytest.approx(1.25 / math.log(2), abs=1e-4)
     assert 0.0 <= meta["metrics"]["bracket_balance"] <= 1.0
 

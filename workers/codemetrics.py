@@ -92,12 +92,15 @@ def _ratio(part: int, whole: int) -> float | None:
     return part / whole if whole else None
 
 
-def measure(text: str, language: str | None = None) -> TextCounts:
-    """All counts for one text; `language` is an identify tag ("python", "c", "lua", ...)."""
+def measure(
+    text: str, language: str | None = None, style: IndentStyle | None = None
+) -> TextCounts:
+    """All counts for one text; `language` is an identify tag ("python", "c", "lua", ...),
+    `style` the indentation to check against (default: the text's own)."""
     syntax = SYNTAXES.get(language or "", Syntax())
     brackets, closed, strings, strings_closed = scan(text, syntax)
     tokens, errors = lex_errors(text, language)
-    lines, line_chars, indented, consistent = layout(text)
+    lines, line_chars, indented, consistent = layout(text, style)
     return TextCounts(
         len(text), brackets, closed, strings, strings_closed, tokens, errors,
         lines, line_chars, indented, consistent,
@@ -108,8 +111,10 @@ def metrics(text: str, language: str | None = None) -> dict[str, float | None]:
     return measure(text, language).ratios()
 
 
-def batch_metrics(texts: list[str], language: str | None = None) -> dict[str, float | None]:
-    return sum((measure(t, language) for t in texts), TextCounts()).ratios()
+def batch_metrics(
+    texts: list[str], language: str | None = None, style: IndentStyle | None = None
+) -> dict[str, float | None]:
+    return sum((measure(t, language, style) for t in texts), TextCounts()).ratios()
 
 
 @lru_cache(maxsize=64)
@@ -208,34 +213,51 @@ def lex_errors(text: str, language: str | None) -> tuple[int, int]:
 _INDENT = re.compile(r"^[ \t]*")
 
 
-def layout(text: str) -> tuple[int, int, int, int]:
-    """(non-blank lines, their chars, indented lines, indented lines consistent with the text).
+@dataclass(frozen=True)
+class IndentStyle:
+    char: str  # "\t" or " "
+    unit: int  # indentation step in `char`s (1 for tabs)
 
-    A text's style is its majority indent character (tab or space) and, for spaces, its unit: the
-    most common positive step between successive indentation widths (4 in PEP 8 code). A line is
-    consistent when it uses only that character and, for spaces, a multiple of the unit.
-    """
+
+def _lines_and_indents(text: str) -> tuple[list[str], list[str]]:
     lines = [ln for ln in text.split("\n") if ln.strip()]
-    indents = [_INDENT.match(ln).group() for ln in lines]  # type: ignore[union-attr]
+    return lines, [_INDENT.match(ln).group() for ln in lines]  # type: ignore[union-attr]
+
+
+def indent_style(text: str) -> IndentStyle | None:
+    """A text's indentation style: its majority indent character (tab or space) and, for spaces,
+    its unit, the most common positive step between successive indentation widths (the smaller
+    step on a tie): 4 in PEP 8 code. None when no line is indented."""
+    _, indents = _lines_and_indents(text)
     indented = [ind for ind in indents if ind]
     if not indented:
-        return len(lines), sum(map(len, lines)), 0, 0
+        return None
     tabs = sum(1 for ind in indented if ind[0] == "\t")
-    char = "\t" if tabs * 2 > len(indented) else " "
-    unit = 1 if char == "\t" else _space_unit(indents)
-    consistent = sum(
-        1 for ind in indented if ind.count(char) == len(ind) and len(ind) % unit == 0
-    )
-    return len(lines), sum(map(len, lines)), len(indented), consistent
-
-
-def _space_unit(indents: list[str]) -> int:
+    if tabs * 2 > len(indented):
+        return IndentStyle("\t", 1)
     widths = [len(ind) for ind in indents if ind.count(" ") == len(ind)]
     steps = Counter(b - a for a, b in zip(widths, widths[1:]) if b > a)
     if steps:
-        return steps.most_common(1)[0][0]
-    positive = [w for w in widths if w]
-    return min(positive) if positive else 1
+        return IndentStyle(" ", max(steps.items(), key=lambda kv: (kv[1], -kv[0]))[0])
+    return IndentStyle(" ", min((w for w in widths if w), default=1))
+
+
+def layout(text: str, style: IndentStyle | None = None) -> tuple[int, int, int, int]:
+    """(non-blank lines, their chars, indented lines, indented lines consistent with the style).
+
+    A line is consistent when its indentation uses only the style's character and, for spaces, is
+    a multiple of its unit. `style` defaults to the text's own; the sample stage passes the
+    corpus's, so a sample scores how well it indents the way the corpus does.
+    """
+    lines, indents = _lines_and_indents(text)
+    indented = [ind for ind in indents if ind]
+    style = style or indent_style(text)
+    if not indented or style is None:
+        return len(lines), sum(map(len, lines)), 0, 0
+    consistent = sum(
+        1 for ind in indented if ind.count(style.char) == len(ind) and len(ind) % style.unit == 0
+    )
+    return len(lines), sum(map(len, lines)), len(indented), consistent
 
 
 def round_metrics(values: dict[str, Any], digits: int = 4) -> dict[str, Any]:

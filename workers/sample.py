@@ -148,18 +148,20 @@ def read_excerpt(storage: Storage, key: str, limit: int = CORPUS_EXCERPT_BYTES) 
 
 def corpus_metrics(
     storage: Storage, corpus: CorpusResult, val_loss: float | None
-) -> dict[str, Any]:
-    """The corpus's own figures, beside which sample metrics are read.
+) -> tuple[dict[str, Any], codemetrics.IndentStyle | None]:
+    """The corpus's own figures, beside which sample metrics are read, and its indent style.
 
     Its bits/char is the checkpoint's validation loss (the held-out tail, in bits): the model's
     surprise at real code, where a sample's bits/char is its surprise at its own output.
     """
     excerpt = read_excerpt(storage, corpus.text_key)
+    style = codemetrics.indent_style(excerpt)
     figures = codemetrics.metrics(excerpt, corpus.main_language)
     bits = val_loss / math.log(2) if val_loss is not None else None
+    indent = None if style is None else "tabs" if style.char == "\t" else f"{style.unit} spaces"
     return codemetrics.round_metrics(
-        {"bits_per_char": bits, **figures, "excerpt_chars": len(excerpt)}
-    )
+        {"bits_per_char": bits, **figures, "indent": indent, "excerpt_chars": len(excerpt)}
+    ), style
 
 
 def _options(config: SampleConfig) -> dict[str, Any]:
@@ -168,12 +170,15 @@ def _options(config: SampleConfig) -> dict[str, Any]:
 
 def sample_records(
     samples: list[SampleText], *, run_id: str, batch_id: str, config: SampleConfig,
-    checkpoint: dict[str, Any], language: str | None,
+    checkpoint: dict[str, Any], language: str | None, style: codemetrics.IndentStyle | None = None,
 ) -> Iterator[tuple[dict[str, Any], codemetrics.TextCounts]]:
-    """One JSONL record per sample (see docs/sampling.md), with the counts behind its metrics."""
+    """One JSONL record per sample (see docs/sampling.md), with the counts behind its metrics.
+
+    Indentation is checked against `style` (the corpus's) when given, else each text's own.
+    """
     created = datetime.now(UTC).isoformat()
     for s in samples:
-        counts = codemetrics.measure(s.text, language)
+        counts = codemetrics.measure(s.text, language, style)
         figures = {"bits_per_char": s.bits_per_char, **counts.ratios()}
         yield {
             "type": "sample",
@@ -238,16 +243,16 @@ def run_sample_stage(
         on_progress=lambda done, total: reporter.progress(done, total, unit="chars"),
     )
     elapsed = time.perf_counter() - started
+    val_loss = ckpt.val_loss if ckpt.val_loss is not None else ckpt.best_val_loss
+    reference, style = corpus_metrics(storage, corpus, val_loss) if corpus else (None, None)
     checkpoint = {"key": checkpoint_key, "step": ckpt.step}
     records = sample_records(
         samples, run_id=run_id, batch_id=batch_id, config=config, checkpoint=checkpoint,
-        language=language,
+        language=language, style=style,
     )
     size, sha256, counts = write_batch(storage, key, records)
     mean_bits = sum(s.bits_per_char for s in samples) / len(samples)
     batch = codemetrics.round_metrics({"bits_per_char": mean_bits, **counts.ratios()})
-    val_loss = ckpt.val_loss if ckpt.val_loss is not None else ckpt.best_val_loss
-    reference = corpus_metrics(storage, corpus, val_loss) if corpus else None
     reporter.progress(config.length, config.length, unit="chars",
                       chars_per_sec=round(config.num_samples * config.length / elapsed, 1))
     reporter.artifact(
