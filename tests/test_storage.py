@@ -308,3 +308,9 @@ def test_open_storage_urls(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> N
     ]:
         with pytest.raises(StorageError, match=message):
             open_storage(url)
+
+
+def test_bad_retry_setting_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "many")
+    with pytest.raises(StorageError, match="AWS_MAX_ATTEMPTS must be a positive integer"):
+        open_storage("s3://charforge/x", endpoint_url="http://127.0.0.1:1")

@@ -63,8 +63,11 @@ TRANSFER = TransferConfig(multipart_threshold=64 * 1024 * 1024, multipart_chunks
 def client_config() -> Config:
     # boto3 >= 1.36 adds CRC checksums that some S3-compatible stores reject: only when required.
     # AWS_MAX_ATTEMPTS is the standard AWS variable; an explicit Config would otherwise hide it.
+    attempts = os.environ.get("AWS_MAX_ATTEMPTS", "5")
+    if not attempts.isdigit() or int(attempts) < 1:
+        raise StorageError(f"AWS_MAX_ATTEMPTS must be a positive integer, not {attempts!r}")
     return Config(
-        retries={"mode": "standard", "max_attempts": int(os.environ.get("AWS_MAX_ATTEMPTS", "5"))},
+        retries={"mode": "standard", "max_attempts": int(attempts)},
         request_checksum_calculation="when_required",
         response_checksum_validation="when_required",
         connect_timeout=5,
