@@ -11,10 +11,13 @@ from __future__ import annotations
 import itertools
 import multiprocessing
 import os
+import sys
 import time
+import types
 from collections import Counter, deque
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -24,7 +27,7 @@ import numpy as np
 from schemas.corpus import CorpusConfig
 from schemas.errors import CorpusError
 from workers.corpus import paths as P
-from workers.corpus.content import ContentRules, Item, Outcome, examine_batch
+from workers.corpus.content import BatchResult, Item, Outcome, Task, count_chars, examine_batch
 from workers.corpus.manifest import ManifestWriter, human_size
 from workers.corpus.sources import Found, GitView, Skipped, walk
 from workers.progress import Reporter
@@ -75,7 +78,7 @@ class BuildStats:
 
     def vocab(self) -> list[tuple[str, int]]:
         pairs = [(chr(i), int(n)) for i, n in enumerate(self.ascii) if n]
-        pairs += list(self.other.items())
+        pairs += [(c, n) for c, n in self.other.items() if n > 0]
         return sorted(pairs, key=lambda p: (-p[1], p[0]))
 
     def main_language(self) -> str | None:
@@ -106,6 +109,23 @@ def _context() -> multiprocessing.context.BaseContext:
     return ctx
 
 
+@contextmanager
+def _import_safe_main() -> Iterator[None]:
+    """Start workers without the caller's `__main__`.
+
+    A forkserver child re-imports the parent's main script unless it is guarded by
+    `if __name__ == "__main__"`; an unguarded script calling the builder would then run again
+    in every worker. Workers need nothing from `__main__`, so none is handed to them.
+    """
+    main = sys.modules.get("__main__")
+    sys.modules["__main__"] = types.ModuleType("__main__")
+    try:
+        yield
+    finally:
+        if main is not None:
+            sys.modules["__main__"] = main
+
+
 class _Runner:
     """Runs `examine_batch` in-process for small trees, on a process pool once a tree is big."""
 
@@ -118,15 +138,16 @@ class _Runner:
     def window(self) -> int:
         return 2 * self.jobs if self._pool else 1
 
-    def submit(self, root: str, items: list[Item], rules: ContentRules) -> Future[list[Outcome]]:
+    def submit(self, task: Task, items: list[Item]) -> Future[BatchResult]:
         if self._pool is None and (self.jobs <= 1 or self._inline_left > 0):
             self._inline_left -= len(items)
-            future: Future[list[Outcome]] = Future()
-            future.set_result(examine_batch(root, items, rules))
+            future: Future[BatchResult] = Future()
+            future.set_result(examine_batch(task, items))
             return future
-        if self._pool is None:
-            self._pool = ProcessPoolExecutor(self.jobs, mp_context=_context())
-        return self._pool.submit(examine_batch, root, items, rules)
+        with _import_safe_main():  # workers start lazily, inside submit()
+            if self._pool is None:
+                self._pool = ProcessPoolExecutor(self.jobs, mp_context=_context())
+            return self._pool.submit(examine_batch, task, items)
 
     def close(self) -> None:
         if self._pool is not None:
@@ -136,16 +157,8 @@ class _Runner:
 @dataclass
 class _Batch:
     tree: int
-    slots: list[Skipped | Item]  # in walk order; Items are examined by a worker
-    future: Future[list[Outcome]] | None = None
-
-
-def content_rules(config: CorpusConfig) -> ContentRules:
-    return ContentRules(
-        max_file_bytes=config.max_file_bytes, max_line_length=config.max_line_length,
-        invalid_utf8=config.invalid_utf8, normalize_newlines=config.normalize_newlines,
-        file_header=config.file_header, langs=frozenset(config.langs),
-    )
+    slots: list[Skipped | Item]  # in walk order; Items are judged by a worker
+    future: Future[BatchResult] | None = None
 
 
 def _chunks(entries: Iterable[Found | Skipped], size: int) -> Iterator[list[Found | Skipped]]:
@@ -163,7 +176,6 @@ class CorpusBuilder:
     ) -> None:
         self.config = config
         self.rules = P.PathRules(config)
-        self.content = content_rules(config)
         self.out = HashingWriter(out)
         self.manifest = manifest
         self.reporter = reporter
@@ -192,7 +204,7 @@ class CorpusBuilder:
         return self.stats
 
     def _batches(self, index: int, tree: SourceTree) -> Iterator[_Batch]:
-        root = str(tree.root)
+        task = Task(str(tree.root), tree.label, self.config)
         entries = walk(tree.root, self.rules, marks=tree.marks, attrs_above=tree.attrs_above)
         for chunk in _chunks(entries, CHUNK_ENTRIES):
             found = [e for e in chunk if isinstance(e, Found)]
@@ -200,39 +212,43 @@ class CorpusBuilder:
             ignored = tree.git.ignored([f.rel for f in found if f.ignore_scope])
             batch, size = _Batch(index, []), 0
             for entry in chunk:
-                slot = self._slot(entry, tree, attrs, ignored)
-                batch.slots.append(slot)
-                if isinstance(slot, Item):
-                    size += entry.size
-                    if len(batch.slots) >= BATCH_FILES or size >= BATCH_BYTES:
-                        yield self._submit(batch, root)
-                        batch, size = _Batch(index, []), 0
+                if isinstance(entry, Skipped):
+                    batch.slots.append(entry)
+                    continue
+                batch.slots.append(Item(entry.rel, entry.size, attrs.get(entry.rel), entry.rel in ignored))
+                size += min(entry.size, self.config.max_file_bytes)
+                if len(batch.slots) >= BATCH_FILES or size >= BATCH_BYTES:
+                    yield self._submit(batch, task)
+                    batch, size = _Batch(index, []), 0
             if batch.slots:
-                yield self._submit(batch, root)
+                yield self._submit(batch, task)
 
-    def _slot(self, entry: Found | Skipped, tree: SourceTree, attrs: dict, ignored: set) -> Skipped | Item:
-        if isinstance(entry, Skipped):
-            return entry
-        reason, detail = self.rules.classify(entry.rel, entry.size, attrs.get(entry.rel), entry.rel in ignored)
-        if reason:
-            return Skipped(entry.rel, reason, entry.size, detail)
-        name = entry.rel.rsplit("/", 1)[-1]
-        display = f"{tree.label}/{entry.rel}" if tree.label else entry.rel
-        return Item(entry.rel, display, P.language_of(P.filename_tags(name)))
-
-    def _submit(self, batch: _Batch, root: str) -> _Batch:
+    def _submit(self, batch: _Batch, task: Task) -> _Batch:
         items = [s for s in batch.slots if isinstance(s, Item)]
         if items:
-            batch.future = self.runner.submit(root, items, self.content)
+            batch.future = self.runner.submit(task, items)
         return batch
 
     def _consume(self, batch: _Batch) -> None:
-        outcomes = iter(batch.future.result() if batch.future else ())
+        result = batch.future.result() if batch.future else None
+        outcomes = iter(result.outcomes if result else ())
+        payload = memoryview(result.payload) if result else memoryview(b"")
+        offset = 0
         for slot in batch.slots:
             if isinstance(slot, Skipped):
                 self._skip(batch.tree, slot.rel, slot.reason, slot.size, slot.detail)
-            else:
-                self._accept(batch.tree, next(outcomes))
+                continue
+            outcome = next(outcomes)
+            self.stats.examined += 1
+            if outcome.reason is not None:
+                self._skip(batch.tree, outcome.rel, outcome.reason, outcome.size, outcome.detail)
+                continue
+            piece = payload[offset:offset + outcome.length]
+            offset += outcome.length
+            self._accept(batch.tree, outcome, piece)
+        if result is not None:
+            self.stats.ascii += result.ascii_counts
+            self.stats.other.update(result.other_counts)
         self._report()
 
     def _skip(self, tree: int, rel: str, reason: str, size: int, detail: str | None) -> None:
@@ -240,32 +256,29 @@ class CorpusBuilder:
         self.stats.by_reason[reason] += 1
         self.manifest.skipped(tree, rel, reason, size, detail)
 
-    def _accept(self, tree: int, outcome: Outcome) -> None:
+    def _accept(self, tree: int, outcome: Outcome, piece: memoryview) -> None:
         stats = self.stats
-        stats.examined += 1
-        if outcome.reason is not None:
-            self._skip(tree, outcome.rel, outcome.reason, outcome.size, outcome.detail)
-            return
-        assert outcome.sha256 is not None and outcome.payload is not None
+        assert outcome.sha256 is not None
         if self.config.dedupe:
             first = self._seen.setdefault(outcome.sha256, (tree, outcome.rel))
             if first != (tree, outcome.rel):
                 self._skip(tree, outcome.rel, P.DUPLICATE, outcome.size, self._same_as(first))
+                # The batch's counts include this payload: take it back out (duplicates are rare).
+                ascii_counts, other = count_chars(piece)
+                stats.ascii -= ascii_counts
+                stats.other.subtract(other)
                 return
-        if stats.bytes + len(outcome.payload) > self.config.max_total_bytes:
+        if stats.bytes + len(piece) > self.config.max_total_bytes:
             raise CorpusError(cap_message(self.config.max_total_bytes, stats))
-        self.out.write(outcome.payload)
+        self.out.write(piece)
         language = outcome.language or "other"
         stats.files += 1
-        stats.bytes += len(outcome.payload)
+        stats.bytes += len(piece)
         stats.source_bytes += outcome.size
         stats.repo_files[tree] += 1
         stats.repo_bytes[tree] += outcome.size
         stats.files_by_language[language] += 1
         stats.bytes_by_language[language] += outcome.size
-        stats.ascii += outcome.ascii_counts
-        if outcome.other_counts:
-            stats.other.update(outcome.other_counts)
         self.manifest.kept(tree, outcome.rel, outcome.size, outcome.sha256.hex(), outcome.language)
 
     def _same_as(self, first: tuple[int, str]) -> str:

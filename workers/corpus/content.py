@@ -9,17 +9,24 @@ feed forever), and never reads more than `max_file_bytes + 1` bytes of anything.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import re
 import stat
 from collections import Counter
 from dataclasses import dataclass
+from functools import lru_cache
+from typing import NamedTuple
 
 import numpy as np
 
+from schemas.corpus import CorpusConfig
 from workers.corpus import paths as P
 
+PROBE_BYTES = 8192  # the first read; git also looks for NUL in the first 8000 bytes
+SMALL_COUNT = 1 << 16
+COUNT_SLICE = 1 << 19  # bincount widens its input to intp: count 1 MiB of pairs at a time
 _NON_ASCII = re.compile(r"[^\x00-\x7f]")
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
@@ -62,24 +69,56 @@ class ContentRules:
     langs: frozenset[str]  # empty: any language
 
 
-@dataclass(slots=True)
-class Item:
+def content_rules(config: CorpusConfig) -> ContentRules:
+    return ContentRules(
+        max_file_bytes=config.max_file_bytes, max_line_length=config.max_line_length,
+        invalid_utf8=config.invalid_utf8, normalize_newlines=config.normalize_newlines,
+        file_header=config.file_header, langs=frozenset(config.langs),
+    )
+
+
+@lru_cache(maxsize=8)
+def _rules(config: CorpusConfig) -> tuple[P.PathRules, ContentRules]:
+    """Each worker compiles a config's rules once, not once per batch."""
+    return P.PathRules(config), content_rules(config)
+
+
+class Item(NamedTuple):
+    """A regular file the walk found, with what git said about its path."""
+
     rel: str  # path under the tree root
-    display: str  # path shown in the header (prefixed by the repo label when combining)
-    language: str | None  # from the file name; None: decided from a `#!` line, if any
+    size: int  # as lstat saw it
+    attrs: P.Attributes | None
+    ignored: bool
 
 
-@dataclass(slots=True)
-class Outcome:
+@dataclass(frozen=True, slots=True)
+class Task:
+    """What a worker needs besides the files: where they are, how to label them, the rules."""
+
+    root: str
+    label: str  # prefix of header paths when several repos are combined
+    config: CorpusConfig
+
+
+class Outcome(NamedTuple):
+    """One file's verdict (a tuple: cheap to pickle back from a worker)."""
+
     rel: str
-    size: int  # bytes read from the file (its size, when kept)
+    size: int  # the file's size
     reason: str | None = None  # None: kept
     detail: str | None = None
     sha256: bytes | None = None  # of the file's bytes: duplicate detection and the manifest
     language: str | None = None
-    payload: bytes | None = None  # what goes into the corpus: header + text + final newline
-    ascii_counts: np.ndarray | None = None  # counts of code points 0..127 in the payload
-    other_counts: dict[str, int] | None = None  # counts of the rest
+    length: int = 0  # bytes of its payload (header + text + final newline) in the batch's payload
+
+
+@dataclass(slots=True)
+class BatchResult:
+    outcomes: list[Outcome]
+    payload: bytes  # the kept files' payloads, concatenated in order
+    ascii_counts: np.ndarray  # counts of code points 0..127 over `payload`
+    other_counts: dict[str, int]  # counts of the rest
 
 
 class _Opener:
@@ -121,15 +160,22 @@ class _Opener:
 
 
 def _read_limited(fd: int, size_hint: int, limit: int) -> bytes:
-    """At most `limit` bytes: a file that grows while we read (or never ends) stops there."""
-    chunks, got = [], 0
+    """At most `limit` bytes: a file that grows while we read (or never ends) stops there.
+
+    The first read is a probe: a NUL byte in it marks the file binary (as git decides), and the
+    rest of it is never read.
+    """
+    first = os.read(fd, min(limit, size_hint + 1, PROBE_BYTES))
+    if len(first) < PROBE_BYTES or b"\0" in first:  # all of it (a short read is EOF), or binary
+        return first
+    chunks, got = [first], len(first)
     while got < limit:
         chunk = os.read(fd, min(limit - got, max(size_hint + 1 - got, 65536)))
         if not chunk:
             break
         chunks.append(chunk)
         got += len(chunk)
-    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+    return b"".join(chunks)
 
 
 def longest_line_exceeds(data: bytes, limit: int) -> bool:
@@ -143,13 +189,30 @@ def longest_line_exceeds(data: bytes, limit: int) -> bool:
     return False
 
 
-def count_chars(payload: bytes) -> tuple[np.ndarray, dict[str, int] | None]:
-    """Character counts: a byte histogram for ASCII, a Counter for the (rare) rest."""
-    counts = np.bincount(np.frombuffer(payload, dtype=np.uint8), minlength=256)
-    ascii_counts = counts[:128].copy()
-    if not counts[128:].any():
-        return ascii_counts, None
-    return ascii_counts, dict(Counter(_NON_ASCII.findall(payload.decode("utf-8"))))
+def byte_counts(data: bytes | memoryview) -> np.ndarray:
+    """A histogram of byte values. Counting 16-bit pairs halves the elements numpy must widen."""
+    arr = np.frombuffer(data, dtype=np.uint8)
+    if len(arr) < SMALL_COUNT:  # a 64K-bin histogram costs more than it saves on little data
+        return np.bincount(arr, minlength=256)
+    pairs = arr[: len(arr) & ~1].view(np.uint16)
+    counts = np.zeros(1 << 16, dtype=np.int64)
+    for start in range(0, len(pairs), COUNT_SLICE):
+        counts += np.bincount(pairs[start:start + COUNT_SLICE], minlength=1 << 16)
+    square = counts.reshape(256, 256)
+    result = square.sum(axis=0) + square.sum(axis=1)
+    if len(arr) & 1:
+        result[arr[-1]] += 1
+    return result
+
+
+def non_ascii_counts(text: bytes | memoryview) -> Counter[str]:
+    return Counter(_NON_ASCII.findall(bytes(text).decode("utf-8")))
+
+
+def count_chars(text: bytes | memoryview) -> tuple[np.ndarray, Counter[str]]:
+    """Character counts of UTF-8 `text`: code points 0..127 as an array, the rest in a Counter."""
+    counts = byte_counts(text)
+    return counts[:128], (non_ascii_counts(text) if counts[128:].any() else Counter())
 
 
 def _decode(data: bytes, rules: ContentRules) -> tuple[bytes | None, str | None]:
@@ -169,60 +232,75 @@ def _decode(data: bytes, rules: ContentRules) -> tuple[bytes | None, str | None]
     return data, None
 
 
-def _examine(opener: _Opener, item: Item, rules: ContentRules) -> Outcome:
+def _examine(opener: _Opener, item: Item, task: Task) -> tuple[Outcome, bytes, bytes]:
+    """(verdict, header, text): header and text are empty unless the file is kept."""
+    path_rules, rules = _rules(task.config)
+    reason, detail = path_rules.classify(item.rel, item.size, item.attrs, item.ignored)
+    if reason:
+        return Outcome(item.rel, item.size, reason, detail), b"", b""
     try:
         fd = opener.open(item.rel)
     except OSError as exc:
         # ELOOP: the path became a link since the walk saw it.
-        reason = P.SYMLINK if exc.errno == 40 else P.UNREADABLE
-        return Outcome(item.rel, 0, reason, exc.strerror)
+        reason = P.SYMLINK if exc.errno == errno.ELOOP else P.UNREADABLE
+        return Outcome(item.rel, 0, reason, exc.strerror), b"", b""
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
-            return Outcome(item.rel, 0, P.SPECIAL)
+            return Outcome(item.rel, 0, P.SPECIAL), b"", b""
         if st.st_size > rules.max_file_bytes:
-            return Outcome(item.rel, st.st_size, P.TOO_LARGE)
+            return Outcome(item.rel, st.st_size, P.TOO_LARGE), b"", b""
         data = _read_limited(fd, st.st_size, rules.max_file_bytes + 1)
     except OSError as exc:
-        return Outcome(item.rel, 0, P.UNREADABLE, exc.strerror)
+        return Outcome(item.rel, 0, P.UNREADABLE, exc.strerror), b"", b""
     finally:
         os.close(fd)
-    return judge(item, data, rules)
+    display = f"{task.label}/{item.rel}" if task.label else item.rel
+    return judge(item.rel, display, data, rules, st.st_size)
 
 
-def judge(item: Item, data: bytes, rules: ContentRules) -> Outcome:
-    """Decide on one file's bytes: skip with a reason, or the payload to append."""
-    size = len(data)
-    if size > rules.max_file_bytes:
-        return Outcome(item.rel, size, P.TOO_LARGE, "grew while being read")
-    if size == 0:
-        return Outcome(item.rel, 0, P.EMPTY)
-    language = item.language
+def judge(rel: str, display: str, data: bytes, rules: ContentRules, size: int) -> tuple[Outcome, bytes, bytes]:
+    """Decide on one file's bytes (`size` as stat saw it): skip, or its header and text."""
+    skip = b"", b""
+    if len(data) > rules.max_file_bytes:
+        return Outcome(rel, len(data), P.TOO_LARGE, "grew while being read"), *skip
+    if not data:
+        return Outcome(rel, size, P.EMPTY), *skip
+    language = P.language_of(P.filename_tags(rel.rsplit("/", 1)[-1]))
     if language is None:  # no language from the name: a `#!` line may tell
         tags = P.interpreter_tags(data[:256].split(b"\n", 1)[0])
         language = P.language_of(tags)
         if rules.langs and not tags & rules.langs:
-            return Outcome(item.rel, size, P.LANGUAGE)
+            return Outcome(rel, size, P.LANGUAGE), *skip
     text, reason = _decode(data, rules)
     if text is None:
-        return Outcome(item.rel, size, reason)
+        return Outcome(rel, size, reason), *skip
     if rules.normalize_newlines and b"\r" in text:
         text = text.replace(b"\r\n", b"\n")
     if longest_line_exceeds(text, rules.max_line_length):
-        return Outcome(item.rel, size, P.MINIFIED, f"a line longer than {rules.max_line_length} bytes")
+        return Outcome(rel, size, P.MINIFIED, f"a line longer than {rules.max_line_length} bytes"), *skip
     if text.isspace():
-        return Outcome(item.rel, size, P.EMPTY, "whitespace only")
-    head = header_line(item.display, language) if rules.file_header else b""
-    payload = head + text + (b"" if text.endswith(b"\n") else b"\n")
-    ascii_counts, other = count_chars(payload)
-    return Outcome(item.rel, size, None, None, hashlib.sha256(data).digest(), language, payload,
-                   ascii_counts, other)
+        return Outcome(rel, size, P.EMPTY, "whitespace only"), *skip
+    head = header_line(display, language) if rules.file_header else b""
+    length = len(head) + len(text) + (0 if text.endswith(b"\n") else 1)
+    outcome = Outcome(rel, len(data), None, None, hashlib.sha256(data).digest(), language, length)
+    return outcome, head, text
 
 
-def examine_batch(root: str, items: list[Item], rules: ContentRules) -> list[Outcome]:
-    """Examine `items` (paths under `root`) in order. Runs in a worker process."""
-    opener = _Opener(root)
+def examine_batch(task: Task, items: list[Item]) -> BatchResult:
+    """Judge `items` (files under `task.root`) in order. Runs in a worker process."""
+    opener = _Opener(task.root)
+    outcomes, parts, other = [], [], Counter()
     try:
-        return [_examine(opener, item, rules) for item in items]
+        for item in items:
+            outcome, head, text = _examine(opener, item, task)
+            outcomes.append(outcome)
+            if outcome.reason is None:
+                parts += (head, text) if text.endswith(b"\n") else (head, text, b"\n")
+                for piece in (head, text):
+                    if not piece.isascii():
+                        other.update(non_ascii_counts(piece))
     finally:
         opener.close()
+    payload = b"".join(parts)
+    return BatchResult(outcomes, payload, byte_counts(payload)[:128], dict(other))

@@ -9,11 +9,11 @@ vocab, files, skipped.
 from __future__ import annotations
 
 import json
+from json.encoder import encode_basestring  # the C string escaper behind json.dumps
 from pathlib import Path
 from typing import IO, Any
 
 FORMAT_VERSION = 1
-_ENCODE = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 
 
 class ManifestWriter:
@@ -24,15 +24,17 @@ class ManifestWriter:
         self._kept = open(scratch / "kept.jsonl", "w+", encoding="utf-8")
         self._skipped = open(scratch / "skipped.jsonl", "w+", encoding="utf-8")
 
+    # Records are formatted by hand (one per file, the build's hottest bookkeeping); strings go
+    # through json's own escaper, so each line is exactly what json.dumps would write.
     def kept(self, repo: int, path: str, size: int, sha256: str, language: str | None) -> None:
-        self._kept.write(_ENCODE({"repo": repo, "path": path, "bytes": size, "sha256": sha256,
-                                  "language": language}) + "\n")
+        lang = "null" if language is None else encode_basestring(language)
+        self._kept.write(f'{{"repo":{repo},"path":{encode_basestring(path)},"bytes":{size},'
+                         f'"sha256":"{sha256}","language":{lang}}}\n')
 
     def skipped(self, repo: int, path: str, reason: str, size: int, detail: str | None) -> None:
-        record: dict[str, Any] = {"repo": repo, "path": path, "reason": reason, "bytes": size}
-        if detail:
-            record["detail"] = detail
-        self._skipped.write(_ENCODE(record) + "\n")
+        extra = f',"detail":{encode_basestring(detail)}' if detail else ""
+        self._skipped.write(f'{{"repo":{repo},"path":{encode_basestring(path)},"reason":"{reason}",'
+                            f'"bytes":{size}{extra}}}\n')
 
     def write(self, out: IO[bytes], head: dict[str, Any]) -> None:
         """`head` (everything but the file lists) followed by "files" and "skipped"."""
