@@ -285,12 +285,13 @@ def readme_text(manifest: dict[str, Any], top: str | None) -> str:
         ]
     else:
         lines += [
-            f"{top}/manifest.json   runs (id, name, repos and commits, corpus, model, losses,",
+            f"Everything is inside the folder {top}/:",
+            "  manifest.json      runs (id, name, repos and commits, corpus, model, losses,",
             "                     sample options and metrics) and the sha256 of every member",
-            f"{top}/runs/<run-id>/samples/<batch-id>.jsonl   one JSON object per sample:",
-            "    text, options, seed, checkpoint {key, step}, language, metrics",
-            f"{top}/runs/<run-id>/checkpoints/step-<n>.pt    (with --include-checkpoints) load with",
-            "    torch.load(path, weights_only=True) or workers.checkpoint.load_checkpoint",
+            "  runs/<run-id>/samples/<batch-id>.jsonl   one JSON object per sample:",
+            "                     text, options, seed, checkpoint {key, step}, language, metrics",
+            "  runs/<run-id>/checkpoints/step-<n>.pt    with --include-checkpoints: the run's best",
+            "                     checkpoint; torch.load(path, weights_only=True) reads it",
         ]
     lines += ["", "Runs in this export:"]
     for run in manifest["runs"]:
@@ -323,6 +324,7 @@ def _atomic_file(dest: Destination) -> Iterator[tuple[Path, Callable[[Path], str
 
     def final(path: Path) -> str:
         if dest.path is not None:
+            path.chmod(0o644)  # mkstemp makes it private; an archive is meant to be shared
             os.replace(path, dest.path)
             return dest.path.as_uri()
         assert dest.storage is not None and dest.key is not None

@@ -136,6 +136,7 @@ def test_archive_holds_exactly_the_selected_batches_and_manifest_hashes_match(tm
     assert (result.runs, result.batches, result.samples, result.checkpoints) == (2, 3, 9, 0)
     assert result.sha256 == hashlib.sha256(out.read_bytes()).hexdigest()
     assert result.destination == str(out) and result.url == out.as_uri()
+    assert out.stat().st_mode & 0o777 == 0o644  # shareable, not mkstemp's private 0600
 
 
 def test_jsonl_is_the_manifest_then_every_batch_verbatim(tmp_path, world):
