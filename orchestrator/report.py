@@ -257,10 +257,14 @@ def human_bytes(size: int | None) -> str:
 
 def compare_table(rows: Sequence[dict[str, Any]]) -> Table:
     table = Table(title="Which codebase is most predictable? (lower bits/char = more predictable)")
-    for name, justify in (("run", "left"), ("name", "left"), ("corpus", "left"), ("size", "right"),
-                          ("model", "left"), ("val loss (nats)", "right"), ("bits/char", "right"),
-                          ("bracket balance", "right"), ("lexer errors", "right")):
-        table.add_column(name, justify=justify)  # type: ignore[arg-type]
+    columns = (("run", "left"), ("name", "left"), ("corpus", "left"), ("size", "right"),
+               ("model", "left"), ("val nats", "right"), ("bits/char", "right"),
+               ("brackets", "right"), ("lexer errors", "right"))
+    for name, justify in columns:
+        # Ids, sizes and figures never wrap; names and corpora fold when the terminal is narrow.
+        folds = name in ("name", "corpus")
+        table.add_column(name, justify=justify, no_wrap=not folds,  # type: ignore[arg-type]
+                         overflow="fold" if folds else "ellipsis", min_width=8 if folds else None)
     for r in rows:
         # Cells are plain text: a run name like "[red]" must not be read as Rich markup.
         table.add_row(*(_plain(c) for c in (
