@@ -65,16 +65,17 @@ class Dispatcher:
         self._relay: Any = None
         self._accelerator: str | None = None
         self._num_cpus = 1
+        self.owns_ray = False  # whether start() started Ray (embedded callers shut it down)
 
     # ---- lifecycle --------------------------------------------------------------------------
 
     def start(self) -> None:
+        self.owns_ray = ray_runtime.connect(self.settings.ray_address)  # before anything imports ray
         import ray
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
         from workers.remote import ProgressRelay
 
-        ray_runtime.connect(self.settings.ray_address)
         self._accelerator = ray_runtime.accelerator_resource(self.settings.accelerator)
         if self.settings.train_cpus > 0:
             self._num_cpus = self.settings.train_cpus

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import secrets
 from pathlib import Path
 
 from schemas.errors import TransientError
@@ -28,20 +29,37 @@ def _token_configured() -> bool:
     )
 
 
-def connect(address: str | None, *, num_cpus: int | None = None) -> None:
-    """Start or join Ray once per process."""
+def _prepare_local_env() -> None:
+    """Environment for a private local Ray; it must be in place before `import ray`.
+
+    `RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0` makes Ray bind every server to 127.0.0.1 (Ray reads it
+    once, at import). Ray >= 2.59 turns token auth on for a new local instance; we give it a
+    token of this process's own, which Ray's processes inherit: nothing else needs to join a
+    private instance, and no other process can race us rewriting ~/.ray/auth_token. The token
+    stays for the life of the process (Ray caches it), so a second local start reuses it.
+    """
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    os.environ.setdefault("RAY_AUTH_TOKEN", secrets.token_hex(32))
+
+
+def connect(address: str | None, *, num_cpus: int | None = None) -> bool:
+    """Start or join Ray once per process; True if this call did it (and should shut it down)."""
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    if not address:
+        _prepare_local_env()
     import ray
 
     if ray.is_initialized():
-        return
+        return False
+    # Ray's notice that it turned token auth on is for people who did not choose it; we did.
+    logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
     common = {"namespace": "charforge", "log_to_driver": False, "logging_level": logging.WARNING}
     try:
         if address:
             ray.init(address=address, **common)
         else:
-            os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-            ray.init(num_cpus=num_cpus, include_dashboard=False, **common)
+            # address="local": a new private instance, never a `ray start` cluster found in /tmp/ray.
+            ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, **common)
     except (ConnectionError, RuntimeError, ValueError) as exc:
         hint = ""
         if address and os.environ.get("RAY_AUTH_MODE") == "token" and not _token_configured():
@@ -49,6 +67,7 @@ def connect(address: str | None, *, num_cpus: int | None = None) -> None:
         where = f"the Ray cluster at {address}" if address else "a local Ray instance"
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise RayUnavailable(f"cannot start or reach {where}: {first}{hint}") from None
+    return True
 
 
 def accelerator_resource(preferred: str | None) -> str | None:
@@ -71,4 +90,5 @@ def shutdown() -> None:
 
     if ray.is_initialized():
         ray.shutdown()
+
 

@@ -6,6 +6,7 @@ match docs/configuration.md and ARCHITECTURE.md's table.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -65,5 +66,6 @@ class Settings(BaseSettings):
 
 
 def load_settings(**overrides: Any) -> Settings:
-    """Settings from env and `.env`, with non-None `overrides` (CLI flags) winning."""
-    return Settings(**{k: v for k, v in overrides.items() if v is not None})
+    """Settings from env and `.env` (or the file CHARFORGE_ENV_FILE names), flags winning."""
+    env_file = os.environ.get("CHARFORGE_ENV_FILE", ".env")
+    return Settings(_env_file=env_file, **{k: v for k, v in overrides.items() if v is not None})

@@ -131,6 +131,14 @@ class Storage(ABC):
     @abstractmethod
     def presign(self, key: str, expires: int = 3600) -> str: ...
 
+    def check(self) -> None:
+        """Fail now, with the reason, if this storage cannot be read (credentials, bucket, endpoint).
+
+        `charforge jobs submit` calls it before queueing anything: a wrong S3 key is the user's
+        to fix at once, not a run that fails minutes later on a worker.
+        """
+        next(iter(self.list("runs/")), None)
+
     def put_bytes(self, key: str, data: bytes) -> ObjectInfo:
         with self.writer(key) as out:
             out.write(data)

@@ -112,7 +112,8 @@ def run_embedded(cfg: Settings, store: RunStore, run_ids: Sequence[str], *, bars
         stop.set()
         thread.join(timeout=30)
         dispatcher.stop(requeue=True)
-        ray_runtime.shutdown()
+        if dispatcher.owns_ray:
+            ray_runtime.shutdown()
     if failure:
         raise failure[0]
     return views

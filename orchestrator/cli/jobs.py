@@ -62,6 +62,7 @@ def submit(
     """
     cfg = context.settings()
     store = context.store(cfg)
+    cfg.storage().check()
     overrides: dict[str, object] = {}
     if include:
         overrides["include"] = tuple(include)

@@ -94,7 +94,7 @@ def print_list(runs: Sequence[RunSummary]) -> None:
         return
     table = Table(box=None, header_style="bold")
     for column in ("id", "name", "status", "stage", "step", "best val (nats)", "created"):
-        table.add_column(column)
+        table.add_column(column, no_wrap=True)
     for r in runs:
         style = STATUS_STYLE.get(r.status.value, "")
         step = f"{r.step}/{r.total_steps}" if r.total_steps else "-"

@@ -1,0 +1,188 @@
+"""The whole path, as a user drives it: `charforge jobs submit` -> fetch -> corpus -> train -> sample.
+
+Real git (a `git daemon` on loopback), real local Ray, real training, real storage; once on the
+embedded default (SQLite + a local directory) and once on PostgreSQL + SeaweedFS over HTTP.
+"""
+
+from __future__ import annotations
+
+import json
+import tarfile
+import time
+
+import pytest
+from typer.testing import CliRunner
+
+from orchestrator.cli import app
+from orchestrator.dispatcher import Dispatcher
+from orchestrator.settings import load_settings
+from orchestrator.store import RunStore
+from schemas.run import build_run_spec
+from schemas.status import RunStatus, Stage
+from tests.gitserver import source_files
+
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("local_ray")]
+
+
+@pytest.fixture
+def env(tmp_path, git_server, monkeypatch):
+    """The embedded default under a temporary CHARFORGE_HOME, resolving owner/name on our daemon."""
+    monkeypatch.setenv("CHARFORGE_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("CHARFORGE_GIT_BASE_URL", git_server.base_url)
+    monkeypatch.setenv("CHARFORGE_TRAIN_CPUS", "1")
+    monkeypatch.setenv("CHARFORGE_RETRY_BACKOFF", "0.2")
+    return monkeypatch
+
+
+def invoke(*args: str):
+    result = CliRunner().invoke(app, list(args))
+    return result
+
+
+def submit_json(*args: str):
+    result = invoke("jobs", "submit", *args, "--json")
+    runs = json.loads(result.stdout) if result.stdout.strip().startswith("[") else None
+    return result, runs
+
+
+def _check_succeeded_run(status: dict, storage) -> None:
+    assert status["status"] == "succeeded", status["error"]
+    assert status["stage"] == "sample"
+    assert status["repos"][0]["commit"] and len(status["repos"][0]["commit"]) == 40
+    corpus = status["corpus"]
+    assert corpus["files"] > 0 and corpus["bytes"] > 0 and corpus["vocab_size"] > 10
+    manifest = json.loads(storage.get_bytes(corpus["manifest_key"]))
+    kept = [f["path"] for f in manifest["files"]]
+    assert kept and not any(p == ".git" or p.startswith(".git/") for p in kept)
+    text = storage.get_bytes(corpus["key"]).decode()
+    assert "def " in text and "[core]" not in text  # sources in, .git/config out
+    assert status["checkpoints"] and all(storage.exists(c["key"]) for c in status["checkpoints"])
+    (batch,) = status["samples"]
+    records = [json.loads(line) for line in storage.get_bytes(batch["key"]).splitlines()]
+    assert len(records) == batch["n"] == 16 and all(len(r["text"]) >= 500 for r in records)
+    assert status["progress"]["step"] == status["progress"]["total_steps"] == 60
+    assert status["metrics"]["train_loss"] > 0 and status["metrics"]["best_val_loss"] > 0
+    assert status["metrics"]["chars_per_sec"] > 0
+    assert [a["stage"] for a in status["attempts"]] == ["fetch", "corpus", "train", "sample"]
+
+
+def test_submit_runs_to_the_end_on_the_embedded_default(env, git_server, tmp_path):
+    git_server.publish("acme/widgets", source_files())
+    result, runs = submit_json("--repo", "acme/widgets", "--preset", "tiny")
+    assert result.exit_code == 0, result.output
+    (status,) = runs
+    _check_succeeded_run(status, load_settings().storage())
+    store = RunStore(load_settings().database_url)
+    assert [m.step for m in store.metrics(status["id"])][-1] == 60
+
+    # status answers from the database alone, with the documented object
+    shown = json.loads(invoke("jobs", "status", status["id"], "--json").stdout)
+    for key in ("id", "name", "status", "stage", "error", "created_at", "started_at", "finished_at",
+                "repos", "corpus", "progress", "metrics", "checkpoints", "samples"):
+        assert key in shown
+    listed = json.loads(invoke("jobs", "list", "--json").stdout)
+    assert [r["id"] for r in listed] == [status["id"]]
+
+    out = tmp_path / "x.tar.gz"
+    exported = invoke("jobs", "export", "--all", "--out", str(out))
+    assert exported.exit_code == 0, exported.output
+    with tarfile.open(out) as tar:
+        names = tar.getnames()
+        manifest_name = next(n for n in names if n.endswith("manifest.json"))
+        manifest = json.loads(tar.extractfile(manifest_name).read())
+    assert [r["id"] for r in manifest["runs"]] == [status["id"]]
+    assert sum(n.endswith(".jsonl") for n in names) == 1
+
+
+def test_two_repos_make_two_runs_that_share_nothing(env, git_server):
+    git_server.publish("acme/one", source_files())
+    git_server.publish("acme/two", {**source_files(), "extra.py": "print('two')\n"})
+    result, runs = submit_json("--repo", "acme/one", "--repo", "acme/two", "--preset", "tiny", "--detach")
+    assert result.exit_code == 0
+    assert [r["status"] for r in runs] == ["queued", "queued"]
+    assert runs[0]["id"] != runs[1]["id"]
+
+
+def test_unknown_repo_fails_the_run_with_that_message(env, git_server):
+    result, runs = submit_json("--repo", "acme/does-not-exist", "--preset", "tiny")
+    assert result.exit_code == 1
+    (status,) = runs
+    assert status["status"] == "failed"
+    assert "acme/does-not-exist" in status["error"] and "not found" in status["error"]
+    assert status["error"] in result.stderr
+
+
+def test_empty_repo_fails_with_a_clear_message(env, git_server):
+    git_server.publish_empty("acme/empty")
+    result, runs = submit_json("--repo", "acme/empty", "--preset", "tiny")
+    assert result.exit_code == 1
+    assert runs[0]["status"] == "failed"
+    assert "empty" in runs[0]["error"]
+
+
+@pytest.mark.parametrize("spec", ["--upload-pack=touch /tmp/pwned", "-oProxyCommand=x", "ext::sh -c id", "fd::3"])
+def test_hostile_specs_are_refused_before_git_runs(env, spec):
+    result = invoke("jobs", "submit", "--repo", spec, "--detach")
+    assert result.exit_code == 1
+    assert result.stderr.startswith("error: repo spec")
+    assert "refused" in result.stderr and "Traceback" not in result.output
+    assert json.loads(invoke("jobs", "list", "--json").stdout) == []  # nothing was queued
+
+
+def test_a_wrong_s3_key_is_refused_at_submit(env, git_server, seaweedfs):
+    for key, value in seaweedfs.env(seaweedfs.storage_url("wrongkey")).items():
+        env.setenv(key, value)
+    env.setenv("AWS_SECRET_ACCESS_KEY", "not-the-secret")
+    result = invoke("jobs", "submit", "--repo", "acme/anything", "--preset", "tiny")
+    assert result.exit_code == 1
+    assert result.stderr.startswith("error: S3 refused the request")
+    assert "AWS_SECRET_ACCESS_KEY" in result.stderr and result.stderr.count("\n") == 1
+    env.delenv("CHARFORGE_STORAGE_URL")
+    assert json.loads(invoke("jobs", "list", "--json").stdout) == []  # nothing was queued
+
+
+def test_an_unreachable_database_is_one_line(env):
+    env.setenv("CHARFORGE_DATABASE_URL", "postgresql://postgres@127.0.0.1:1/charforge")
+    result = invoke("jobs", "list")
+    assert result.exit_code == 1
+    assert result.stderr.startswith("error: cannot reach the database at postgresql://postgres@127.0.0.1:1/")
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.output
+
+
+def test_status_of_an_unknown_run(env):
+    result = invoke("jobs", "status", "0123456789ab")
+    assert result.exit_code == 1
+    assert result.stderr == "error: no run with id '0123456789ab'\n"
+
+
+def test_cancel_stops_the_running_training_task(env, git_server):
+    import ray
+
+    git_server.publish("acme/long", source_files())
+    cfg = load_settings()
+    store = RunStore(cfg.database_url, migrate=True)
+    spec = build_run_spec(["acme/long"], preset="tiny", sets=["max_iters=1000000"])
+    run = store.create_run(spec)
+    dispatcher = Dispatcher(store, cfg, only_runs={run.id})
+    dispatcher.start()
+    cpus = ray.available_resources().get("CPU")
+    deadline = time.monotonic() + 120
+    while store.get_run(run.id).step in (None, 0) and time.monotonic() < deadline:
+        dispatcher.tick()
+        time.sleep(0.2)
+    view = store.get_run(run.id)
+    assert view.stage is Stage.TRAIN and view.step > 0
+    assert invoke("jobs", "cancel", run.id).stdout == f"run {run.id}: cancelled\n"
+    dispatcher.tick()
+    assert dispatcher.idle
+    deadline = time.monotonic() + 15
+    while ray.available_resources().get("CPU") != cpus and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert ray.available_resources().get("CPU") == cpus  # the task's CPU is free again
+    step = store.get_run(run.id).step
+    time.sleep(1.5)
+    dispatcher.tick()
+    final = store.get_run(run.id)
+    assert final.status is RunStatus.CANCELLED and final.step == step  # nothing trains on
+    assert final.attempts[-1].outcome == "cancelled"
+    assert invoke("jobs", "cancel", run.id).exit_code == 0  # idempotent
