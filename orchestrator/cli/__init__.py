@@ -91,13 +91,10 @@ def serve(
 
 def _register() -> None:
     from orchestrator.cli import results  # noqa: F401 - registers sample/export/eval/... on jobs_app
+    from orchestrator.cli.corpus import corpus_app
     from orchestrator.cli.jobs import jobs_app
 
     app.add_typer(jobs_app, name="jobs")
-    try:
-        from orchestrator.cli.corpus import corpus_app
-    except ImportError:  # pragma: no cover - the corpus commands ship with the corpus builder
-        return
     app.add_typer(corpus_app, name="corpus")
 
 
