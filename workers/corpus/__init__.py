@@ -4,19 +4,25 @@ Modules, in the order data flows: `sources` (a link-proof sorted walk, and what 
 paths), `paths` (decisions from a path alone), `content` (decisions from the bytes, run on every
 core), `builder` (the ordered, bounded-memory pipeline), `manifest` (the record of it all) and
 `stage` (the pipeline stages and the CLI's build/inspect). See docs/corpus.md.
+
+Names are imported lazily: worker processes import `workers.corpus.content` only, and should not
+pay for storage, git and pydantic models they never use.
 """
 
-from workers.corpus.manifest import FORMAT_VERSION, format_summary, summary_of
-from workers.corpus.stage import (
-    build_corpus_file,
-    corpus_hash,
-    inspect_corpus,
-    load_manifest,
-    run_corpus_stage,
-    run_fetch_stage,
-)
+from __future__ import annotations
 
-__all__ = [
-    "FORMAT_VERSION", "build_corpus_file", "corpus_hash", "format_summary", "inspect_corpus",
-    "load_manifest", "run_corpus_stage", "run_fetch_stage", "summary_of",
-]
+from importlib import import_module
+from typing import Any
+
+_EXPORTS = {
+    "FORMAT_VERSION": "manifest", "format_summary": "manifest", "summary_of": "manifest",
+    "build_corpus_file": "stage", "corpus_hash": "stage", "inspect_corpus": "stage",
+    "load_manifest": "stage", "run_corpus_stage": "stage", "run_fetch_stage": "stage",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(import_module(f"workers.corpus.{_EXPORTS[name]}"), name)
+    raise AttributeError(f"module 'workers.corpus' has no attribute {name!r}")

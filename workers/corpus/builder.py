@@ -27,8 +27,8 @@ import numpy as np
 from schemas.corpus import CorpusConfig
 from schemas.errors import CorpusError
 from workers.corpus import paths as P
-from workers.corpus.content import BatchResult, Item, Outcome, Task, count_chars, examine_batch
-from workers.corpus.manifest import ManifestWriter, human_size
+from workers.corpus.content import BatchResult, Item, Outcome, Rules, Task, count_chars, examine_batch
+from workers.corpus.manifest import ManifestWriter, human_size, kept_line, skipped_line
 from workers.corpus.sources import Found, GitView, Skipped, walk
 from workers.progress import Reporter
 from workers.storage import HashingWriter
@@ -62,7 +62,6 @@ class BuildStats:
     bytes: int = 0  # corpus text, headers included
     source_bytes: int = 0  # the kept files' own sizes
     skipped: int = 0
-    examined: int = 0
     by_reason: Counter[str] = field(default_factory=Counter)
     files_by_language: Counter[str] = field(default_factory=Counter)
     bytes_by_language: Counter[str] = field(default_factory=Counter)
@@ -75,6 +74,34 @@ class BuildStats:
     def __post_init__(self) -> None:
         self.repo_files = [0] * self.repos
         self.repo_bytes = [0] * self.repos
+
+    def skip(self, reason: str) -> None:
+        self.skipped += 1
+        self.by_reason[reason] += 1
+
+    def keep(self, tree: int, outcome: Outcome, length: int) -> None:
+        language = outcome.language or "other"
+        self.files += 1
+        self.bytes += length
+        self.source_bytes += outcome.size
+        self.repo_files[tree] += 1
+        self.repo_bytes[tree] += outcome.size
+        self.files_by_language[language] += 1
+        self.bytes_by_language[language] += outcome.size
+
+    def add_batch(self, tree: int, result: BatchResult) -> None:
+        kept = sum(result.files_by_language.values())
+        self.files += kept
+        self.bytes += len(result.payload)
+        self.source_bytes += result.source_bytes
+        self.repo_files[tree] += kept
+        self.repo_bytes[tree] += result.source_bytes
+        self.skipped += sum(result.by_reason.values())
+        self.by_reason.update(result.by_reason)
+        self.files_by_language.update(result.files_by_language)
+        self.bytes_by_language.update(result.bytes_by_language)
+        self.ascii += result.ascii_counts
+        self.other.update(result.other_counts)
 
     def vocab(self) -> list[tuple[str, int]]:
         pairs = [(chr(i), int(n)) for i, n in enumerate(self.ascii) if n]
@@ -139,8 +166,9 @@ class _Runner:
         return 2 * self.jobs if self._pool else 1
 
     def submit(self, task: Task, items: list[Item]) -> Future[BatchResult]:
-        if self._pool is None and (self.jobs <= 1 or self._inline_left > 0):
-            self._inline_left -= len(items)
+        real = sum(1 for item in items if not item.skip)
+        if not real or (self._pool is None and (self.jobs <= 1 or self._inline_left > 0)):
+            self._inline_left -= real
             future: Future[BatchResult] = Future()
             future.set_result(examine_batch(task, items))
             return future
@@ -157,8 +185,7 @@ class _Runner:
 @dataclass
 class _Batch:
     tree: int
-    slots: list[Skipped | Item]  # in walk order; Items are judged by a worker
-    future: Future[BatchResult] | None = None
+    future: Future[BatchResult]
 
 
 def _chunks(entries: Iterable[Found | Skipped], size: int) -> Iterator[list[Found | Skipped]]:
@@ -204,82 +231,72 @@ class CorpusBuilder:
         return self.stats
 
     def _batches(self, index: int, tree: SourceTree) -> Iterator[_Batch]:
-        task = Task(str(tree.root), tree.label, self.config)
+        task = Task(str(tree.root), tree.label, index, Rules.of(self.config))
         entries = walk(tree.root, self.rules, marks=tree.marks, attrs_above=tree.attrs_above)
         for chunk in _chunks(entries, CHUNK_ENTRIES):
             found = [e for e in chunk if isinstance(e, Found)]
             attrs = tree.git.attributes([f.rel for f in found if f.attr_scope])
             ignored = tree.git.ignored([f.rel for f in found if f.ignore_scope])
-            batch, size = _Batch(index, []), 0
+            items: list[Item] = []
+            size = 0
             for entry in chunk:
-                if isinstance(entry, Skipped):
-                    batch.slots.append(entry)
+                if isinstance(entry, Skipped):  # travels with the batch to keep walk order
+                    items.append(Item(entry.rel, entry.size, skip=entry.reason, detail=entry.detail))
                     continue
-                batch.slots.append(Item(entry.rel, entry.size, attrs.get(entry.rel), entry.rel in ignored))
+                items.append(Item(entry.rel, entry.size, attrs.get(entry.rel), entry.rel in ignored))
                 size += min(entry.size, self.config.max_file_bytes)
-                if len(batch.slots) >= BATCH_FILES or size >= BATCH_BYTES:
-                    yield self._submit(batch, task)
-                    batch, size = _Batch(index, []), 0
-            if batch.slots:
-                yield self._submit(batch, task)
-
-    def _submit(self, batch: _Batch, task: Task) -> _Batch:
-        items = [s for s in batch.slots if isinstance(s, Item)]
-        if items:
-            batch.future = self.runner.submit(task, items)
-        return batch
+                if len(items) >= BATCH_FILES or size >= BATCH_BYTES:
+                    yield _Batch(index, self.runner.submit(task, items))
+                    items, size = [], 0
+            if items:
+                yield _Batch(index, self.runner.submit(task, items))
 
     def _consume(self, batch: _Batch) -> None:
-        result = batch.future.result() if batch.future else None
-        outcomes = iter(result.outcomes if result else ())
-        payload = memoryview(result.payload) if result else memoryview(b"")
-        offset = 0
-        for slot in batch.slots:
-            if isinstance(slot, Skipped):
-                self._skip(batch.tree, slot.rel, slot.reason, slot.size, slot.detail)
-                continue
-            outcome = next(outcomes)
-            self.stats.examined += 1
-            if outcome.reason is not None:
-                self._skip(batch.tree, outcome.rel, outcome.reason, outcome.size, outcome.detail)
-                continue
-            piece = payload[offset:offset + outcome.length]
-            offset += outcome.length
-            self._accept(batch.tree, outcome, piece)
-        if result is not None:
-            self.stats.ascii += result.ascii_counts
-            self.stats.other.update(result.other_counts)
+        result = batch.future.result()
+        stats = self.stats
+        dups = self._duplicates(batch.tree, result) if self.config.dedupe else set()
+        if not dups and stats.bytes + len(result.payload) <= self.config.max_total_bytes:
+            # The common case: the whole batch goes in as the worker prepared it.
+            self.out.write(result.payload)
+            self.manifest.add(result.kept_lines, result.skipped_lines)
+            stats.add_batch(batch.tree, result)
+        else:
+            self._consume_each(batch.tree, result, dups)
         self._report()
 
-    def _skip(self, tree: int, rel: str, reason: str, size: int, detail: str | None) -> None:
-        self.stats.skipped += 1
-        self.stats.by_reason[reason] += 1
-        self.manifest.skipped(tree, rel, reason, size, detail)
+    def _duplicates(self, tree: int, result: BatchResult) -> set[int]:
+        """Indexes of kept outcomes whose bytes an earlier file already brought in."""
+        dups = set()
+        for i, o in enumerate(result.outcomes):
+            if o.reason is None and self._seen.setdefault(o.sha256, (tree, o.rel)) != (tree, o.rel):
+                dups.add(i)
+        return dups
 
-    def _accept(self, tree: int, outcome: Outcome, piece: memoryview) -> None:
-        stats = self.stats
-        assert outcome.sha256 is not None
-        if self.config.dedupe:
-            first = self._seen.setdefault(outcome.sha256, (tree, outcome.rel))
-            if first != (tree, outcome.rel):
-                self._skip(tree, outcome.rel, P.DUPLICATE, outcome.size, self._same_as(first))
-                # The batch's counts include this payload: take it back out (duplicates are rare).
-                ascii_counts, other = count_chars(piece)
+    def _consume_each(self, tree: int, result: BatchResult, dups: set[int]) -> None:
+        """File by file: drop duplicates, stop exactly at the total cap."""
+        stats, payload, offset = self.stats, memoryview(result.payload), 0
+        for i, o in enumerate(result.outcomes):
+            if o.reason is not None:
+                stats.skip(o.reason)
+                self.manifest.add("", skipped_line(tree, o))
+                continue
+            piece = payload[offset:offset + o.length]
+            offset += o.length
+            if i in dups:
+                dup = o._replace(reason=P.DUPLICATE, detail=self._same_as(self._seen[o.sha256]))
+                stats.skip(P.DUPLICATE)
+                self.manifest.add("", skipped_line(tree, dup))
+                ascii_counts, other = count_chars(piece)  # the batch's counts included it
                 stats.ascii -= ascii_counts
                 stats.other.subtract(other)
-                return
-        if stats.bytes + len(piece) > self.config.max_total_bytes:
-            raise CorpusError(cap_message(self.config.max_total_bytes, stats))
-        self.out.write(piece)
-        language = outcome.language or "other"
-        stats.files += 1
-        stats.bytes += len(piece)
-        stats.source_bytes += outcome.size
-        stats.repo_files[tree] += 1
-        stats.repo_bytes[tree] += outcome.size
-        stats.files_by_language[language] += 1
-        stats.bytes_by_language[language] += outcome.size
-        self.manifest.kept(tree, outcome.rel, outcome.size, outcome.sha256.hex(), outcome.language)
+                continue
+            if stats.bytes + len(piece) > self.config.max_total_bytes:
+                raise CorpusError(cap_message(self.config.max_total_bytes, stats))
+            self.out.write(piece)
+            self.manifest.add(kept_line(tree, o), "")
+            stats.keep(tree, o, len(piece))
+        stats.ascii += result.ascii_counts
+        stats.other.update(result.other_counts)
 
     def _same_as(self, first: tuple[int, str]) -> str:
         label = self._labels[first[0]]

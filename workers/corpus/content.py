@@ -15,14 +15,17 @@ import os
 import re
 import stat
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from functools import lru_cache
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 
-from schemas.corpus import CorpusConfig
 from workers.corpus import paths as P
+from workers.corpus.manifest import kept_line, skipped_line
+
+if TYPE_CHECKING:
+    from schemas.corpus import CorpusConfig
 
 PROBE_BYTES = 8192  # the first read; git also looks for NUL in the first 8000 bytes
 SMALL_COUNT = 1 << 16
@@ -60,27 +63,29 @@ def header_line(display: str, language: str | None) -> bytes:
 
 
 @dataclass(frozen=True, slots=True)
-class ContentRules:
+class Rules:
+    """The corpus config as workers need it: a plain dataclass, so workers never import pydantic."""
+
+    include: tuple[str, ...]
+    exclude: tuple[str, ...]
+    langs: frozenset[str]  # empty: any language
+    skip_vendored: bool
     max_file_bytes: int
     max_line_length: int
     invalid_utf8: str  # "skip" | "replace"
     normalize_newlines: bool
     file_header: bool
-    langs: frozenset[str]  # empty: any language
 
-
-def content_rules(config: CorpusConfig) -> ContentRules:
-    return ContentRules(
-        max_file_bytes=config.max_file_bytes, max_line_length=config.max_line_length,
-        invalid_utf8=config.invalid_utf8, normalize_newlines=config.normalize_newlines,
-        file_header=config.file_header, langs=frozenset(config.langs),
-    )
+    @classmethod
+    def of(cls, config: CorpusConfig) -> Rules:
+        values = {f.name: getattr(config, f.name) for f in fields(cls)}
+        return cls(**{**values, "langs": frozenset(config.langs)})
 
 
 @lru_cache(maxsize=8)
-def _rules(config: CorpusConfig) -> tuple[P.PathRules, ContentRules]:
-    """Each worker compiles a config's rules once, not once per batch."""
-    return P.PathRules(config), content_rules(config)
+def _path_rules(rules: Rules) -> P.PathRules:
+    """Each worker compiles a config's globs once, not once per batch."""
+    return P.PathRules(rules)
 
 
 class Item(NamedTuple):
@@ -88,8 +93,10 @@ class Item(NamedTuple):
 
     rel: str  # path under the tree root
     size: int  # as lstat saw it
-    attrs: P.Attributes | None
-    ignored: bool
+    attrs: P.Attributes | None = None
+    ignored: bool = False
+    skip: str | None = None  # already decided by the walk (a link, a special file, a directory)
+    detail: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,7 +105,8 @@ class Task:
 
     root: str
     label: str  # prefix of header paths when several repos are combined
-    config: CorpusConfig
+    repo: int  # the repo's index in the manifest
+    rules: Rules
 
 
 class Outcome(NamedTuple):
@@ -115,10 +123,18 @@ class Outcome(NamedTuple):
 
 @dataclass(slots=True)
 class BatchResult:
+    """A batch as if every file it kept were new: the builder only re-checks duplicates."""
+
     outcomes: list[Outcome]
     payload: bytes  # the kept files' payloads, concatenated in order
+    kept_lines: str  # their manifest records
+    skipped_lines: str  # the manifest records of the rest
     ascii_counts: np.ndarray  # counts of code points 0..127 over `payload`
     other_counts: dict[str, int]  # counts of the rest
+    by_reason: Counter[str]
+    files_by_language: Counter[str]
+    bytes_by_language: Counter[str]  # of the kept files' own bytes
+    source_bytes: int
 
 
 class _Opener:
@@ -215,7 +231,7 @@ def count_chars(text: bytes | memoryview) -> tuple[np.ndarray, Counter[str]]:
     return counts[:128], (non_ascii_counts(text) if counts[128:].any() else Counter())
 
 
-def _decode(data: bytes, rules: ContentRules) -> tuple[bytes | None, str | None]:
+def _decode(data: bytes, rules: Rules) -> tuple[bytes | None, str | None]:
     """(UTF-8 text, None) or (None, skip reason) under the encoding policy of docs/corpus.md."""
     if b"\0" in data:
         return None, P.BINARY
@@ -234,8 +250,8 @@ def _decode(data: bytes, rules: ContentRules) -> tuple[bytes | None, str | None]
 
 def _examine(opener: _Opener, item: Item, task: Task) -> tuple[Outcome, bytes, bytes]:
     """(verdict, header, text): header and text are empty unless the file is kept."""
-    path_rules, rules = _rules(task.config)
-    reason, detail = path_rules.classify(item.rel, item.size, item.attrs, item.ignored)
+    rules = task.rules
+    reason, detail = _path_rules(rules).classify(item.rel, item.size, item.attrs, item.ignored)
     if reason:
         return Outcome(item.rel, item.size, reason, detail), b"", b""
     try:
@@ -259,7 +275,7 @@ def _examine(opener: _Opener, item: Item, task: Task) -> tuple[Outcome, bytes, b
     return judge(item.rel, display, data, rules, st.st_size)
 
 
-def judge(rel: str, display: str, data: bytes, rules: ContentRules, size: int) -> tuple[Outcome, bytes, bytes]:
+def judge(rel: str, display: str, data: bytes, rules: Rules, size: int) -> tuple[Outcome, bytes, bytes]:
     """Decide on one file's bytes (`size` as stat saw it): skip, or its header and text."""
     skip = b"", b""
     if len(data) > rules.max_file_bytes:
@@ -290,17 +306,36 @@ def judge(rel: str, display: str, data: bytes, rules: ContentRules, size: int) -
 def examine_batch(task: Task, items: list[Item]) -> BatchResult:
     """Judge `items` (files under `task.root`) in order. Runs in a worker process."""
     opener = _Opener(task.root)
-    outcomes, parts, other = [], [], Counter()
+    outcomes: list[Outcome] = []
+    parts: list[bytes] = []
+    kept: list[str] = []
+    skipped: list[str] = []
+    other: Counter[str] = Counter()
+    by_reason: Counter[str] = Counter()
+    files_by_language: Counter[str] = Counter()
+    bytes_by_language: Counter[str] = Counter()
     try:
         for item in items:
-            outcome, head, text = _examine(opener, item, task)
+            if item.skip:
+                outcome, head, text = Outcome(item.rel, item.size, item.skip, item.detail), b"", b""
+            else:
+                outcome, head, text = _examine(opener, item, task)
             outcomes.append(outcome)
-            if outcome.reason is None:
-                parts += (head, text) if text.endswith(b"\n") else (head, text, b"\n")
-                for piece in (head, text):
-                    if not piece.isascii():
-                        other.update(non_ascii_counts(piece))
+            if outcome.reason is not None:
+                by_reason[outcome.reason] += 1
+                skipped.append(skipped_line(task.repo, outcome))
+                continue
+            parts += (head, text) if text.endswith(b"\n") else (head, text, b"\n")
+            kept.append(kept_line(task.repo, outcome))
+            files_by_language[outcome.language or "other"] += 1
+            bytes_by_language[outcome.language or "other"] += outcome.size
+            for piece in (head, text):
+                if not piece.isascii():
+                    other.update(non_ascii_counts(piece))
     finally:
         opener.close()
     payload = b"".join(parts)
-    return BatchResult(outcomes, payload, byte_counts(payload)[:128], dict(other))
+    return BatchResult(
+        outcomes, payload, "".join(kept), "".join(skipped), byte_counts(payload)[:128], dict(other),
+        by_reason, files_by_language, bytes_by_language, sum(bytes_by_language.values()),
+    )

@@ -16,6 +16,24 @@ from typing import IO, Any
 FORMAT_VERSION = 1
 
 
+def kept_line(repo: int, outcome: Any) -> str:
+    """One "files" record (an `Outcome` that was kept), exactly as json.dumps would write it.
+
+    Formatted by hand: this runs once per file, the build's hottest bookkeeping. Strings go
+    through json's own escaper.
+    """
+    lang = "null" if outcome.language is None else encode_basestring(outcome.language)
+    return (f'{{"repo":{repo},"path":{encode_basestring(outcome.rel)},"bytes":{outcome.size},'
+            f'"sha256":"{outcome.sha256.hex()}","language":{lang}}}\n')
+
+
+def skipped_line(repo: int, outcome: Any) -> str:
+    """One "skipped" record (an `Outcome` with a reason)."""
+    extra = f',"detail":{encode_basestring(outcome.detail)}' if outcome.detail else ""
+    return (f'{{"repo":{repo},"path":{encode_basestring(outcome.rel)},"reason":"{outcome.reason}",'
+            f'"bytes":{outcome.size}{extra}}}\n')
+
+
 class ManifestWriter:
     """Collects kept/skipped records on disk; `write` emits the manifest JSON."""
 
@@ -24,17 +42,10 @@ class ManifestWriter:
         self._kept = open(scratch / "kept.jsonl", "w+", encoding="utf-8")
         self._skipped = open(scratch / "skipped.jsonl", "w+", encoding="utf-8")
 
-    # Records are formatted by hand (one per file, the build's hottest bookkeeping); strings go
-    # through json's own escaper, so each line is exactly what json.dumps would write.
-    def kept(self, repo: int, path: str, size: int, sha256: str, language: str | None) -> None:
-        lang = "null" if language is None else encode_basestring(language)
-        self._kept.write(f'{{"repo":{repo},"path":{encode_basestring(path)},"bytes":{size},'
-                         f'"sha256":"{sha256}","language":{lang}}}\n')
-
-    def skipped(self, repo: int, path: str, reason: str, size: int, detail: str | None) -> None:
-        extra = f',"detail":{encode_basestring(detail)}' if detail else ""
-        self._skipped.write(f'{{"repo":{repo},"path":{encode_basestring(path)},"reason":"{reason}",'
-                            f'"bytes":{size}{extra}}}\n')
+    def add(self, kept_lines: str, skipped_lines: str) -> None:
+        """Records from `kept_line`/`skipped_line`, in walk order."""
+        self._kept.write(kept_lines)
+        self._skipped.write(skipped_lines)
 
     def write(self, out: IO[bytes], head: dict[str, Any]) -> None:
         """`head` (everything but the file lists) followed by "files" and "skipped"."""

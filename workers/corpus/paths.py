@@ -10,10 +10,13 @@ import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import TYPE_CHECKING
 
 from identify import identify
 
-from schemas.corpus import CorpusConfig
+if TYPE_CHECKING:  # workers pass a plain `content.Rules` with the same fields
+    from schemas.corpus import CorpusConfig
+    from workers.corpus.content import Rules
 
 # Why a file did not go into the corpus. The manifest names one per skipped file or directory.
 VCS = "vcs"  # .git/ (and .hg/, .svn/, .bzr/): repository metadata, packfiles
@@ -137,7 +140,7 @@ class Attributes:
 class PathRules:
     """The corpus config's path-level rules: one `classify` call per candidate file."""
 
-    def __init__(self, config: CorpusConfig) -> None:
+    def __init__(self, config: CorpusConfig | Rules) -> None:
         self.config = config
         self._include = [compile_glob(g) for g in config.include]
         self._exclude = [(g, compile_glob(g)) for g in config.exclude]

@@ -1,0 +1,179 @@
+"""Corpus builder benchmark (issue 3): a big local tree, against `find -exec cat` and `xargs cat`.
+
+    .venv/bin/python bench/corpus.py [--tree DIR] [--jobs N] [--repeat 3] [--no-exec] [--no-double]
+
+Tree: this interpreter's standard library directory (`sysconfig` "stdlib", site-packages
+included; ~940 MB, ~50,000 files here). In one run it measures, page cache warmed first:
+
+- the builder (`workers.corpus.build_corpus_file`, default CorpusConfig) in a child process:
+  bytes and files kept/skipped, wall time (best of --repeat), and, in one more run, the peak
+  memory of its whole process tree (builder + forkserver + workers, sampled every 20 ms, as PSS:
+  shared pages divided among the processes);
+- the seed's `find DIR -name '*' -exec cat {} \\;` (one process per file) and the ratio of its
+  wall time to the builder's (goal >= 10x);
+- a raw `find DIR -name '*.py' -print0 | xargs -0 cat` (best of --repeat), and the builder's
+  throughput on the bytes it kept as a fraction of that (goal >= 50%);
+- the builder on the tree doubled (two hard-linked copies side by side), whose peak memory must
+  stay within 10% of the single tree's (goal), with duplicates dropped (the default) and kept.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import time
+from pathlib import Path
+
+import psutil
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def child(tree: str, out: str, jobs: int, keep_duplicates: bool) -> None:
+    """Runs in a subprocess: one build, facts as JSON on stdout."""
+    from schemas.corpus import CorpusConfig
+    from workers.corpus import build_corpus_file
+
+    start = time.perf_counter()
+    summary = build_corpus_file([tree], CorpusConfig(dedupe=not keep_duplicates), Path(out),
+                                git_base_url="https://github.com/", jobs=jobs)
+    wall = time.perf_counter() - start
+    totals = summary["totals"]
+    print(json.dumps({
+        "wall": wall, "bytes": totals["bytes"], "source_bytes": totals["source_bytes"],
+        "files": totals["files"], "skipped": totals["skipped"], "by_reason": totals["skipped_by_reason"],
+        "vocab": totals["vocab_size"], "main_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+    }))
+
+
+def run_builder(tree: Path, out: Path, jobs: int, keep_duplicates: bool = False, *, sample: bool = True) -> dict:
+    """One build in a child process; with `sample`, adds the peak memory of its process tree.
+
+    Sampling reads /proc/*/smaps_rollup and costs CPU: timed runs do not sample.
+    """
+    out.unlink(missing_ok=True)
+    cmd = [sys.executable, __file__, "--child", str(tree), str(out), str(jobs)]
+    if keep_duplicates:
+        cmd.append("--keep-duplicates")
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+    peak_rss = peak_pss = 0
+    parent = psutil.Process(proc.pid)
+    while sample and proc.poll() is None:
+        rss = pss = 0
+        try:
+            for p in [parent, *parent.children(recursive=True)]:
+                info = p.memory_full_info()  # PSS: shared pages divided among the processes
+                rss, pss = rss + info.rss, pss + info.pss
+        except psutil.Error:
+            pass
+        peak_rss, peak_pss = max(peak_rss, rss), max(peak_pss, pss)
+        time.sleep(0.02)
+    stdout, _ = proc.communicate()  # (without sampling, just wait)
+    if proc.returncode != 0:
+        raise SystemExit(f"builder failed with exit code {proc.returncode}")
+    facts = json.loads(stdout.strip().splitlines()[-1])
+    facts["tree_rss"], facts["tree_pss"] = peak_rss, peak_pss
+    return facts
+
+
+def timed_shell(command: str) -> float:
+    start = time.perf_counter()
+    subprocess.run(["bash", "-c", command], check=True)
+    return time.perf_counter() - start
+
+
+def q(path: Path) -> str:
+    return "'" + str(path).replace("'", "'\\''") + "'"
+
+
+def mb(n: float) -> str:
+    return f"{n / 1e6:,.1f} MB"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tree", type=Path, default=Path(sysconfig.get_paths()["stdlib"]))
+    parser.add_argument("--jobs", type=int, default=None, help="builder worker processes (default: its own)")
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--no-exec", action="store_true", help="skip the (slow) find -exec cat baseline")
+    parser.add_argument("--no-double", action="store_true", help="skip the doubled-tree RSS check")
+    parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
+    parser.add_argument("--keep-duplicates", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        child(args.child[0], args.child[1], int(args.child[2]), args.keep_duplicates)
+        return
+
+    from workers.corpus.builder import default_jobs
+
+    tree = args.tree.resolve()
+    jobs = args.jobs or default_jobs()
+    work = Path(tempfile.mkdtemp(prefix="corpus-bench-", dir=ROOT / "bench" / "out"
+                                 if (ROOT / "bench" / "out").is_dir() else None))
+    try:
+        print(f"tree: {tree}  cores: {os.cpu_count()}  builder jobs: {jobs}  load: {os.getloadavg()[0]:.1f}")
+        timed_shell(f"find {q(tree)} -type f -print0 | xargs -0 cat > /dev/null")  # warm the cache
+
+        xargs_out = work / "xargs.txt"
+        xargs_wall = min(timed_shell(f"find {q(tree)} -name '*.py' -print0 | xargs -0 cat > {q(xargs_out)}")
+                         for _ in range(args.repeat))
+        xargs_bytes = xargs_out.stat().st_size
+        xargs_out.unlink()
+
+        runs = [run_builder(tree, work / f"corpus-{i}.txt", jobs, sample=False) for i in range(args.repeat)]
+        best = min(runs, key=lambda r: r["wall"])
+        for i in range(args.repeat):
+            (work / f"corpus-{i}.txt").unlink(missing_ok=True)
+        sampled = run_builder(tree, work / "corpus-sampled.txt", jobs)
+        peak, peak_rss = sampled["tree_pss"], sampled["tree_rss"]
+        (work / "corpus-sampled.txt").unlink()
+
+        print(f"builder: kept {best['files']:,} files, {mb(best['bytes'])} of corpus "
+              f"({mb(best['source_bytes'])} of source), skipped {best['skipped']:,} {best['by_reason']}")
+        walls = ", ".join(f"{r['wall']:.2f}" for r in runs)
+        print(f"builder: wall {best['wall']:.2f} s (runs: {walls}), "
+              f"{mb(best['bytes'] / best['wall'])}/s, vocabulary {best['vocab']}")
+        print(f"xargs cat *.py: {mb(xargs_bytes)} in {xargs_wall:.2f} s = {mb(xargs_bytes / xargs_wall)}/s")
+        fraction = (best["bytes"] / best["wall"]) / (xargs_bytes / xargs_wall)
+        print(f"throughput vs raw xargs cat: {fraction:.0%} (goal >= 50%)")
+        if not args.no_exec:
+            exec_out = work / "exec.txt"
+            exec_wall = timed_shell(f"find {q(tree)} -name '*' -exec cat {{}} \\; > {q(exec_out)} 2>/dev/null || true")
+            print(f"find -exec cat: {mb(exec_out.stat().st_size)} in {exec_wall:.2f} s; "
+                  f"builder is {exec_wall / best['wall']:.1f}x faster (goal >= 10x)")
+            exec_out.unlink()
+        print(f"peak memory, single tree: builder process RSS {sampled['main_rss'] / 2**20:.0f} MiB; whole "
+              f"process tree PSS {peak / 2**20:.0f} MiB (RSS summed {peak_rss / 2**20:.0f} MiB) (goal < 256 MiB)")
+        if not args.no_double:
+            double_check(tree, work, jobs, peak)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def double_check(tree: Path, work: Path, jobs: int, single_peak: int) -> None:
+    double = work / "double"
+    double.mkdir()
+    for name in ("a", "b"):  # hard links: the same bytes twice without copying them
+        if subprocess.run(["cp", "-al", str(tree), str(double / name)], capture_output=True).returncode:
+            print("doubled tree: skipped (cp -al failed: the bench dir is on another filesystem)")
+            return
+    same = run_builder(double, work / "double-dedupe.txt", jobs)
+    kept = run_builder(double, work / "double-keep.txt", jobs, keep_duplicates=True)
+    single_keep = run_builder(tree, work / "single-keep.txt", jobs, keep_duplicates=True)
+    print(f"doubled tree, duplicates dropped: {mb(same['bytes'])} kept in {same['wall']:.2f} s, peak PSS "
+          f"{same['tree_pss'] / 2**20:.0f} MiB ({same['tree_pss'] / single_peak - 1:+.1%} vs single; goal within 10%)")
+    print(f"duplicates kept: single {mb(single_keep['bytes'])} peak PSS {single_keep['tree_pss'] / 2**20:.0f} MiB; "
+          f"doubled {mb(kept['bytes'])} peak PSS {kept['tree_pss'] / 2**20:.0f} MiB "
+          f"({kept['tree_pss'] / single_keep['tree_pss'] - 1:+.1%})")
+
+
+if __name__ == "__main__":
+    main()
