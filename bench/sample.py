@@ -29,12 +29,12 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from schemas.sampling import SampleConfig  # noqa: E402
-from schemas.training import ModelConfig  # noqa: E402
-from workers import codemetrics  # noqa: E402
-from workers.model import CharRNN, detach_state  # noqa: E402
-from workers.sample import generate  # noqa: E402
-from workers.vocab import Vocab  # noqa: E402
+from schemas.sampling import SampleConfig
+from schemas.training import ModelConfig
+from workers import codemetrics
+from workers.model import CharRNN, detach_state
+from workers.sample import generate
+from workers.vocab import Vocab
 
 
 def load_code(limit: int) -> str:
@@ -149,9 +149,9 @@ def main() -> None:
     for n in (1, 16, 64, 256):
         config = SampleConfig(num_samples=n, length=length, prime=prime, temperature=temperature,
                               seed=n)
-        elapsed, samples = best_of(args.repeats, lambda: generate(model, vocab, config, device="cpu"))
+        elapsed, samples = best_of(args.repeats, lambda c=config: generate(model, vocab, c, device="cpu"))
         texts = [s.text for s in samples]
-        metric_time, _ = best_of(args.repeats, lambda: codemetrics.batch_metrics(texts, "python"))
+        metric_time, _ = best_of(args.repeats, lambda t=texts: codemetrics.batch_metrics(t, "python"))
         rate = n * length / elapsed
         print(f"{n:>5} {rate:>12,.0f} {rate / naive_rate:>8.1f}x {metric_time * 1000:>7.1f}ms "
               f"{metric_time / elapsed:>11.1%}")

@@ -272,8 +272,8 @@ def readme_text(manifest: dict[str, Any], top: str | None) -> str:
         "charforge export",
         "================",
         f"export id: {manifest['export_id']}   created: {manifest['created_at']}",
-        f"{totals['runs']} runs, {totals['batches']} sample batches, {totals['samples']} samples,"
-        f" {totals['checkpoints']} checkpoints",
+        (f"{totals['runs']} runs, {totals['batches']} sample batches, {totals['samples']} samples,"
+         f" {totals['checkpoints']} checkpoints"),
         "",
     ]
     if top is None:

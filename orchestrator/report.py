@@ -134,7 +134,11 @@ def newest_batch(run: RunView) -> ArtifactView | None:
     batches = list(enumerate(run.sample_batches))
     if not batches:
         return None
-    when = lambda pair: (pair[1].created_at.timestamp() if pair[1].created_at else 0.0, pair[0])  # noqa: E731
+
+    def when(pair: tuple[int, ArtifactView]) -> tuple[float, int]:
+        created = pair[1].created_at
+        return (created.timestamp() if created else 0.0, pair[0])
+
     return max(batches, key=when)[1]
 
 
@@ -143,13 +147,13 @@ def render_html(run: RunView, metrics: Sequence[MetricPoint], storage: Storage, 
 
     formatter = HtmlFormatter(cssclass="hl")
     parts = [
-        f"<!doctype html><html><head><meta charset='utf-8'><title>charforge run {_e(run.name)}"
-        f"</title><style>{_CSS}{formatter.get_style_defs('.hl')}</style></head><body>",
+        (f"<!doctype html><html><head><meta charset='utf-8'><title>charforge run {_e(run.name)}"
+         f"</title><style>{_CSS}{formatter.get_style_defs('.hl')}</style></head><body>"),
         f"<h1>Run {_e(run.name)} <small>{_e(run.id)}</small></h1>",
         _table([("status", run.status.value), ("created", run.created_at),
                 ("finished", run.finished_at), ("steps", run.step)]),
-        f"<h2>Loss</h2><img src='{_e(png)}' width='{PNG_SIZE[0]}' height='{PNG_SIZE[1]}' "
-        "alt='train and validation loss vs step'>",
+        (f"<h2>Loss</h2><img src='{_e(png)}' width='{PNG_SIZE[0]}' height='{PNG_SIZE[1]}' "
+         "alt='train and validation loss vs step'>"),
         _losses_table(run, metrics),
         "<h2>Corpus</h2>",
         _table([(r.get("spec"), r.get("url"), r.get("commit")) for r in run.repos],
@@ -182,9 +186,9 @@ def _samples_section(batch: ArtifactView, storage: Storage, formatter: Any) -> l
     meta = batch.meta
     sample_m, corpus_m = meta.get("metrics") or {}, meta.get("corpus_metrics") or {}
     parts = [
-        f"<h2>Samples</h2><p>Batch {_e(meta.get('batch_id'))}: {_e(meta.get('n'))} samples from "
-        f"checkpoint step {_e(meta.get('checkpoint_step'))}, seed {_e(meta.get('seed'))}, "
-        f"options {_e(json.dumps(meta.get('options'), ensure_ascii=False))}</p>",
+        (f"<h2>Samples</h2><p>Batch {_e(meta.get('batch_id'))}: {_e(meta.get('n'))} samples from "
+         f"checkpoint step {_e(meta.get('checkpoint_step'))}, seed {_e(meta.get('seed'))}, "
+         f"options {_e(json.dumps(meta.get('options'), ensure_ascii=False))}</p>"),
         _table([(label, _fmt(sample_m.get(k)), _fmt(corpus_m.get(k)))
                 for k, label in METRIC_LABELS.items()], ["metric", "samples", "corpus"]),
     ]

@@ -237,8 +237,7 @@ def leftovers(folder: Path) -> list[str]:
 
 
 @pytest.mark.parametrize("fmt", ["tar.gz", "zip", "jsonl"])
-def test_a_batch_gone_midway_leaves_no_archive(tmp_path, world, fmt):
-    storage, runs = world
+def test_a_batch_gone_midway_leaves_no_archive(tmp_path, fmt):
     store = LocalStorage(tmp_path / "store")
     victim = make_run(store, "victim", batches=2)
     store.delete(victim.sample_batches[1].key)  # the run's second batch vanished

@@ -61,8 +61,8 @@ def trained() -> tuple[CharRNN, Vocab]:
     return model.eval(), vocab
 
 
-def texts(model: CharRNN, vocab: Vocab, **options) -> list[str]:
-    return [s.text for s in generate(model, vocab, SampleConfig(**options))]
+def texts(model: CharRNN, vocab: Vocab, device: str | None = None, **options) -> list[str]:
+    return [s.text for s in generate(model, vocab, SampleConfig(**options), device=device)]
 
 
 def test_same_seed_same_samples_other_seed_other_samples(trained):
@@ -149,7 +149,7 @@ def test_bits_per_char_is_the_models_surprise_at_its_own_text(trained):
 @contextmanager
 def saved_as_if_on_cuda():
     """Tag every tensor written inside the block as living on cuda:0, as a GPU trainer's are."""
-    tagger = lambda obj: "cuda:0"  # noqa: E731
+    tagger = lambda obj: "cuda:0"
     serialization.register_package(0, tagger, lambda obj, location: None)
     try:
         yield
@@ -176,7 +176,7 @@ def test_checkpoint_written_on_gpu_samples_on_cpu(tmp_path, trained):
     with pytest.raises(RuntimeError, match="CUDA"):  # proof the file really says cuda:0
         torch.load(storage.root / key, weights_only=True)
     ckpt = load_checkpoint(storage, key, map_location="cpu")
-    options = dict(num_samples=3, length=50, seed=11, prime="def")
+    options = {"num_samples": 3, "length": 50, "seed": 11, "prime": "def"}
     assert texts(ckpt.build_model(), ckpt.vocab, **options) == texts(model, vocab, **options)
 
 
@@ -192,7 +192,7 @@ def test_samples_on_cuda_and_a_cuda_checkpoint_samples_on_cpu(tmp_path, trained)
     assert all(s.text.startswith("def") for s in samples)
     key = write_checkpoint(storage, cuda_model, vocab)
     ckpt = load_checkpoint(storage, key, map_location="cpu")
-    greedy = dict(num_samples=2, length=40, prime="def", argmax=True)
+    greedy = {"num_samples": 2, "length": 40, "prime": "def", "argmax": True}
     assert texts(ckpt.build_model(), ckpt.vocab, **greedy, device="cpu") == texts(model, vocab, **greedy)
 
 

@@ -16,6 +16,7 @@ import re
 from collections import Counter
 from dataclasses import dataclass, fields
 from functools import lru_cache
+from itertools import pairwise
 from typing import Any
 
 from pygments.lexer import Lexer
@@ -126,7 +127,7 @@ def _scanner(syntax: Syntax) -> re.Pattern[str]:
         parts += ['"""', "'''"]
     parts = [re.escape(p) for p in parts]
     parts += [r"\\.", "[" + re.escape(syntax.quotes + "()[]{}") + "]", r"\n"]
-    return re.compile("|".join(parts), re.S)
+    return re.compile("|".join(parts), re.DOTALL)
 
 
 def scan(text: str, syntax: Syntax = Syntax()) -> tuple[int, int, int, int]:
@@ -236,7 +237,7 @@ def indent_style(text: str) -> IndentStyle | None:
     if tabs * 2 > len(indented):
         return IndentStyle("\t", 1)
     widths = [len(ind) for ind in indents if ind.count(" ") == len(ind)]
-    steps = Counter(b - a for a, b in zip(widths, widths[1:]) if b > a)
+    steps = Counter(b - a for a, b in pairwise(widths) if b > a)
     if steps:
         return IndentStyle(" ", max(steps.items(), key=lambda kv: (kv[1], -kv[0]))[0])
     return IndentStyle(" ", min((w for w in widths if w), default=1))

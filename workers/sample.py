@@ -226,7 +226,9 @@ def run_sample_stage(
     device: str | None = None,
 ) -> SampleResult:
     """Generate one batch from `checkpoint_key`, measure it, store it, report it as an artifact."""
-    from workers.checkpoint import load_checkpoint  # torch-heavy; imported when a stage runs
+    from workers.checkpoint import (
+        load_checkpoint,  # torch-heavy; imported when a stage runs
+    )
 
     ckpt = load_checkpoint(storage, checkpoint_key, map_location="cpu")
     model = ckpt.build_model()
