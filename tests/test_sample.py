@@ -20,7 +20,13 @@ from workers import keys
 from workers.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from workers.model import CharRNN
 from workers.progress import ListReporter
-from workers.sample import draw, generate, read_samples, run_sample_stage
+from workers.sample import (
+    corpus_metrics_key,
+    draw,
+    generate,
+    read_samples,
+    run_sample_stage,
+)
 from workers.storage import LocalStorage
 from workers.vocab import Vocab
 
@@ -238,3 +244,31 @@ def test_sample_stage_writes_jsonl_and_reports_the_batch(tmp_path, trained):
                              ListReporter(), checkpoint_key=ckpt_key)
     assert [r["text"] for r in read_samples(storage, again.key)] == [r["text"] for r in records]
     assert json.loads(body.splitlines()[0])["type"] == "sample"
+
+
+def test_corpus_figures_are_computed_once_and_cached_beside_the_corpus(tmp_path, trained):
+    model, vocab = trained
+    storage = LocalStorage(tmp_path)
+    ckpt_key = write_checkpoint(storage, model, vocab)
+    storage.put_bytes(keys.corpus_text(CORPUS_HASH), CODE.encode())
+    corpus = CorpusResult(hash=CORPUS_HASH, text_key=keys.corpus_text(CORPUS_HASH),
+                          manifest_key=keys.corpus_manifest(CORPUS_HASH), bytes=len(CODE), files=1,
+                          skipped=0, vocab_size=len(vocab), repos=(), main_language="python")
+    config = SampleConfig(num_samples=2, length=20)
+
+    def corpus_figures() -> dict:
+        reporter = ListReporter()
+        run_sample_stage(storage, RUN, config, reporter, checkpoint_key=ckpt_key, corpus=corpus)
+        return reporter.of(EventKind.ARTIFACT)[0]["meta"]["corpus_metrics"]
+
+    assert corpus_figures()["bracket_balance"] == 1.0
+    key = corpus_metrics_key(CORPUS_HASH)
+    assert key.startswith(keys.corpus_prefix(CORPUS_HASH))
+    cached = json.loads(storage.get_bytes(key))
+    cached["figures"]["bracket_balance"] = 0.5  # a marker only the cache can supply
+    storage.put_bytes(key, json.dumps(cached).encode())
+    assert corpus_figures()["bracket_balance"] == 0.5
+    other = corpus.model_copy(update={"main_language": "c"})  # another lexer: recomputed
+    reporter = ListReporter()
+    run_sample_stage(storage, RUN, config, reporter, checkpoint_key=ckpt_key, corpus=other)
+    assert reporter.of(EventKind.ARTIFACT)[0]["meta"]["corpus_metrics"]["bracket_balance"] == 1.0

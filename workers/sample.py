@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from schemas.errors import SamplingError
+from schemas.errors import SamplingError, StorageError
 from schemas.results import CorpusResult, SampleResult
 from schemas.sampling import SampleConfig, SampleText
 from workers import codemetrics, keys
@@ -30,6 +30,7 @@ from workers.vocab import Vocab
 
 # The corpus's own figures come from a bounded prefix: cheap for a multi-GB corpus, on S3 too.
 CORPUS_EXCERPT_BYTES = 256 * 1024
+CORPUS_METRICS_VERSION = 1  # bump when a metric's definition changes: old caches are ignored
 PROGRESS_EVERY = 64  # characters between progress callbacks
 
 
@@ -146,6 +147,37 @@ def read_excerpt(storage: Storage, key: str, limit: int = CORPUS_EXCERPT_BYTES) 
     return text
 
 
+def corpus_metrics_key(corpus_hash: str) -> str:
+    # Beside the corpus it describes: corpora are content-addressed, so this never goes stale.
+    # (Belongs in workers/keys.py as `corpus_metrics(hash)`; composed from its prefix until then.)
+    return keys.corpus_prefix(corpus_hash) + f"codemetrics-v{CORPUS_METRICS_VERSION}.json"
+
+
+def corpus_text_metrics(storage: Storage, corpus: CorpusResult) -> dict[str, Any]:
+    """Text figures of the corpus's first `CORPUS_EXCERPT_BYTES`, cached in storage.
+
+    Lexing 256 KiB costs ~0.5 s, more than sampling a default batch on CPU: paid once per corpus.
+    """
+    key = corpus_metrics_key(corpus.hash)
+    if storage.exists(key):
+        cached = json.loads(storage.get_bytes(key))
+        if cached.get("language") == corpus.main_language:
+            return cached
+    excerpt = read_excerpt(storage, corpus.text_key)
+    style = codemetrics.indent_style(excerpt)
+    entry = {
+        "language": corpus.main_language,
+        "excerpt_chars": len(excerpt),
+        "figures": codemetrics.round_metrics(codemetrics.metrics(excerpt, corpus.main_language)),
+        "indent": None if style is None else {"char": style.char, "unit": style.unit},
+    }
+    try:
+        storage.put_bytes(key, json.dumps(entry).encode())
+    except StorageError:
+        pass  # a cache: the figures stand without it
+    return entry
+
+
 def corpus_metrics(
     storage: Storage, corpus: CorpusResult, val_loss: float | None
 ) -> tuple[dict[str, Any], codemetrics.IndentStyle | None]:
@@ -154,13 +186,13 @@ def corpus_metrics(
     Its bits/char is the checkpoint's validation loss (the held-out tail, in bits): the model's
     surprise at real code, where a sample's bits/char is its surprise at its own output.
     """
-    excerpt = read_excerpt(storage, corpus.text_key)
-    style = codemetrics.indent_style(excerpt)
-    figures = codemetrics.metrics(excerpt, corpus.main_language)
+    entry = corpus_text_metrics(storage, corpus)
+    style = codemetrics.IndentStyle(**entry["indent"]) if entry["indent"] else None
     bits = val_loss / math.log(2) if val_loss is not None else None
     indent = None if style is None else "tabs" if style.char == "\t" else f"{style.unit} spaces"
     return codemetrics.round_metrics(
-        {"bits_per_char": bits, **figures, "indent": indent, "excerpt_chars": len(excerpt)}
+        {"bits_per_char": bits, **entry["figures"], "indent": indent,
+         "excerpt_chars": entry["excerpt_chars"]}
     ), style
 
 
