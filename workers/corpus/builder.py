@@ -35,7 +35,7 @@ from workers.storage import HashingWriter
 
 CHUNK_ENTRIES = 2048  # paths per `git check-attr` call
 BATCH_FILES = 64  # files per task sent to a worker
-BATCH_BYTES = 4 * 1024 * 1024  # ... or fewer, when they are big
+BATCH_BYTES = 1024 * 1024  # ... or fewer, when they are big: results in flight stay small
 INLINE_FILES = 1024  # files examined in-process before a pool is worth starting
 PROGRESS_EVERY = 0.5  # seconds between progress reports
 

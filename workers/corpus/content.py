@@ -29,7 +29,7 @@ if TYPE_CHECKING:
 
 PROBE_BYTES = 8192  # the first read; git also looks for NUL in the first 8000 bytes
 SMALL_COUNT = 1 << 16
-COUNT_SLICE = 1 << 19  # bincount widens its input to intp: count 1 MiB of pairs at a time
+COUNT_SLICE = 1 << 17  # bincount widens its input to intp (8x): 256 KiB of pairs at a time
 _NON_ASCII = re.compile(r"[^\x00-\x7f]")
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
