@@ -179,3 +179,12 @@ def test_plain_folder_has_no_commit_and_is_read_in_place(tmp_path):
     repo = _resolve(str(tmp_path), "git://unused/")
     assert repo.commit is None
     assert checkout(repo, tmp_path / "unused") == tmp_path
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to hand a repo to another user")
+def test_local_repo_of_another_user_is_refused_not_read_as_a_folder(tmp_path):
+    work = tmp_path / "theirs"
+    make_repo(work, source_files())
+    subprocess.run(["chown", "-R", "nobody", str(work)], check=True)
+    with pytest.raises(RepoError, match="belongs to another user .*safe.directory"):
+        _resolve(str(work), "git://unused/")

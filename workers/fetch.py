@@ -106,7 +106,9 @@ def _raise_for(proc: subprocess.CompletedProcess[str], spec: str, url: str) -> N
     """Map a failed remote git call to `GitUnavailable` or `RepoError`, one line each."""
     err = proc.stderr.lower()
     if any(s in err for s in _TRANSIENT):
-        raise GitUnavailable(f"cannot reach the git server for {spec} ({url}): {_last_error(proc.stderr)}")
+        # The line that says why (e.g. "errno=Connection refused"), not just "unable to connect".
+        lines = [ln.strip() for ln in proc.stderr.splitlines() if any(s in ln.lower() for s in _TRANSIENT)]
+        raise GitUnavailable(f"cannot reach the git server for {spec} ({url}): {lines[-1]}")
     if any(s in err for s in _NOT_FOUND):
         raise RepoError(f"repository not found (or not public): {spec} ({url})")
     raise RepoError(f"git failed for {spec} ({url}): {_last_error(proc.stderr)}")
@@ -171,6 +173,9 @@ def local_work_tree(path: Path) -> tuple[Path, str] | None:
     """
     top = _local_git(path, ["rev-parse", "--show-toplevel", "--show-prefix"])
     if top.returncode != 0:
+        if "dubious ownership" in top.stderr:  # reading it as a plain folder would surprise
+            raise RepoError(f"git refuses {path}: it belongs to another user "
+                            f"(allow it with: git config --global --add safe.directory {path})")
         return None
     lines = top.stdout.splitlines()
     if len(lines) < 1:
