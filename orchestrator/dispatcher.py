@@ -1,17 +1,22 @@
 """The dispatcher: claims queued runs, runs their stages on Ray, and keeps the store true.
 
 One loop, one thread. Each `tick()`:
- 1. drains the progress relay and writes the events to the store (kept and retried if the
+ 1. stamps the heartbeats of the runs it drives (first, so a dispatcher coming back from a
+    database outage says it is alive before anyone judges it);
+ 2. drains the progress relay and writes the events to the store (kept and retried if the
     database is briefly away, so nothing a worker reported is lost);
- 2. collects finished stages (`ray.wait`, no `ray.get` in a loop over pending work): a result
+ 3. collects finished stages (`ray.wait`, no `ray.get` in a loop over pending work): a result
     starts the next stage, an infrastructure failure is retried with backoff, a user error fails
     the run with its message;
- 3. kills the Ray task of any run that was cancelled, or that another dispatcher took over;
- 4. claims queued runs while below `max_concurrent`;
- 5. stamps heartbeats, and recovers runs whose heartbeat went stale (their dispatcher died):
-    they are queued again and resume from their last checkpoint.
+ 4. kills the Ray task of any run that was cancelled, or that another dispatcher took over;
+ 5. claims queued runs while below `max_concurrent`, and launches the stages that are due;
+ 6. reconciles with Ray and the clock: a running run whose dispatcher is gone from this Ray
+    cluster (its named relay actor no longer exists), or whose heartbeat is older than the
+    timeout, is recovered: queued again to resume from its last checkpoint, or failed as
+    "lost: ..." after `max_recoveries`.
 Stage tasks fate-share with this process (Ray kills a driver's tasks when it exits), so a run
-never runs twice: a dead dispatcher's runs stop with it and are recovered once stale.
+never runs twice: a dead dispatcher's runs stop with it and are recovered once it is known dead.
+See docs/cluster.md.
 """
 
 from __future__ import annotations
@@ -26,13 +31,26 @@ from typing import Any
 from orchestrator import pipeline, ray_runtime
 from orchestrator.settings import Settings
 from orchestrator.store import RunStore
-from schemas.errors import DatabaseUnavailable, IllegalTransition
-from schemas.events import Event
+from schemas.errors import DatabaseUnavailable, IllegalTransition, StorageError
+from schemas.events import Event, EventKind
 from schemas.run import RunSpec
 from schemas.status import RunStatus, Stage
 from workers import keys
 
 log = logging.getLogger("charforge.dispatcher")
+
+# Ray drops a dead driver's named actors a few milliseconds before it has killed the driver's
+# task workers; a dispatcher found gone is recovered only when it is still gone this much later,
+# so the new attempt never overlaps the old one.
+CONFIRM_GONE_S = 1.0
+# How long a run whose corpus another run is building waits before looking again.
+CORPUS_WAIT_S = 1.0
+NODES_REFRESH_S = 10.0
+
+
+def new_dispatcher_id() -> str:
+    # Host names can be 63 characters (Kubernetes pods); the column holds 64 with the cluster tag.
+    return f"{socket.gethostname()[:30]}-{os.getpid()}-{os.urandom(3).hex()}"
 
 
 @dataclass
@@ -48,6 +66,8 @@ class Flight:
     failures: int = 0  # infrastructure failures of this stage so far
     retry_at: float | None = None  # when to launch the next stage (or retry this one)
     outcome: Any = None  # a finished stage's result or Failure, until the store has it
+    worker: tuple[str, int] | None = None  # (node id, pid) running the current attempt
+    waiting_for: str | None = None  # the run building the corpus this one needs
 
 
 @dataclass
@@ -55,36 +75,52 @@ class Dispatcher:
     store: RunStore
     settings: Settings
     only_runs: set[str] | None = None  # embedded mode: drive just the runs of this submit
-    dispatcher_id: str = field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}-{os.urandom(3).hex()}")
+    dispatcher_id: str = field(default_factory=new_dispatcher_id)
     flights: dict[str, Flight] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self._pending_events: dict[str, list[Event]] = {}
         self._last_heartbeat = 0.0
-        self._last_reconcile = 0.0
+        self._next_reconcile = 0.0
+        self._suspects: dict[str, float] = {}  # dispatcher id -> when it was first found gone
         self._relay: Any = None
         self._accelerator: str | None = None
+        self._cpu_nodes: list[str] = []
+        self._nodes_at = float("-inf")
+        self._turn = 0
         self._num_cpus = 1
+        self._tag = ""
         self.owns_ray = False  # whether start() started Ray (embedded callers shut it down)
 
     # ---- lifecycle --------------------------------------------------------------------------
 
     def start(self) -> None:
         self.owns_ray = ray_runtime.connect(self.settings.ray_address)  # before anything imports ray
-        import ray
-        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-        from workers.remote import ProgressRelay
-
+        self._tag = f"-r{ray_runtime.cluster_tag()}"
+        if not self.dispatcher_id.endswith(self._tag):
+            self.dispatcher_id += self._tag
         self._accelerator = ray_runtime.accelerator_resource(self.settings.accelerator)
         if self.settings.train_cpus > 0:
             self._num_cpus = self.settings.train_cpus
         else:
             self._num_cpus = ray_runtime.cluster_cpus() if self.settings.embedded else 1
-        # The relay lives on this node: it must not die with some other node.
-        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-        self._relay = ProgressRelay.options(scheduling_strategy=here).remote()
+        self._relay = self._new_relay()
         log.info("dispatcher %s started (accelerator: %s)", self.dispatcher_id, self._accelerator)
+
+    def _new_relay(self) -> Any:
+        import ray
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        from workers.remote import ProgressRelay, relay_name
+
+        # On this node: it must not die with some other node. Named: its existence is how other
+        # dispatchers on the cluster know this one is alive.
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+        relay = ProgressRelay.options(
+            name=relay_name(self.dispatcher_id), namespace=ray_runtime.NAMESPACE, scheduling_strategy=here
+        ).remote()
+        ray.get(relay.drain.remote())  # it exists before this dispatcher claims anything
+        return relay
 
     def stop(self, *, requeue: bool = True) -> None:
         """Stop driving runs: kill their tasks and queue them again for another dispatcher."""
@@ -93,9 +129,11 @@ class Dispatcher:
             if requeue:
                 try:
                     self.store.close_open_attempts(flight.run_id, "interrupted", "dispatcher stopped")
-                    self.store.transition(flight.run_id, RunStatus.QUEUED, expected=RunStatus.RUNNING)
+                    self.store.transition(flight.run_id, RunStatus.QUEUED, expected=RunStatus.RUNNING,
+                                          owner=self.dispatcher_id)
+                    self.store.append_log(flight.run_id, f"dispatcher {self.dispatcher_id} stopped: queued again")
                 except (IllegalTransition, DatabaseUnavailable):
-                    pass
+                    pass  # cancelled meanwhile, or recovered later as lost
         self.flights.clear()
 
     @property
@@ -105,21 +143,43 @@ class Dispatcher:
     # ---- the loop ---------------------------------------------------------------------------
 
     def tick(self) -> None:
+        self._heartbeat()
         self._relay_events()
         self._collect()
         self._enforce_ownership()
         self._claim()
         self._launch_due()
-        self._heartbeat()
+        self._reconcile()
 
     def _relay_events(self) -> None:
         import ray
 
-        for run_id, events in ray.get(self._relay.drain.remote()).items():
-            self._pending_events.setdefault(run_id, []).extend(events)
+        try:
+            drained = ray.get(self._relay.drain.remote())
+        except ray.exceptions.RayActorError:
+            # Without its relay this dispatcher looks dead to the others: give its runs back.
+            log.error("the progress relay died: re-queueing this dispatcher's runs")
+            self.stop(requeue=True)
+            self._relay = self._new_relay()
+            return
+        for run_id, events in drained.items():
+            self._pending_events.setdefault(run_id, []).extend(self._noted(run_id, events))
         for run_id in list(self._pending_events):
             self.store.apply_events(run_id, self._pending_events[run_id])
             del self._pending_events[run_id]
+
+    def _noted(self, run_id: str, events: list[Event]) -> list[Event]:
+        """Remember which worker runs each attempt, and say so in the run's log."""
+        flight = self.flights.get(run_id)
+        out: list[Event] = []
+        for event in events:
+            out.append(event)
+            if event.kind is EventKind.NODE and flight is not None:
+                node, pid = str(event.data.get("node_id")), int(event.data.get("pid") or 0)
+                flight.worker = (node, pid)
+                message = f"{event.stage} attempt {flight.attempt} running on node {node[:12]} (pid {pid})"
+                out.append(Event(kind=EventKind.LOG, stage=event.stage, data={"message": message}, ts=event.ts))
+        return out
 
     def _collect(self) -> None:
         """Note each finished stage's outcome; `_settle` writes it down (and retries if it can't)."""
@@ -158,7 +218,7 @@ class Dispatcher:
         if stage is Stage.TRAIN:
             self._prune_checkpoints(flight.run_id)
         flight.results[stage] = result
-        flight.outcome, flight.failures = None, 0
+        flight.outcome, flight.failures, flight.worker = None, 0, None
         if pipeline.next_stage(flight.results) is None:
             self._finish(flight, RunStatus.SUCCEEDED)
         else:
@@ -173,13 +233,14 @@ class Dispatcher:
             self.flights.pop(flight.run_id, None)
             return
         if failure.retry and failures < self.settings.max_attempts:
-            delay = min(self.settings.retry_backoff * 2 ** (failures - 1), 60.0)
+            delay = pipeline.backoff(self.settings.retry_backoff, failures)
             self.store.finish_attempt(flight.run_id, stage, flight.attempt, "retried", failure.message)
+            resume = " from its last checkpoint" if stage is Stage.TRAIN else ""
             self.store.append_log(
-                flight.run_id, f"{failure.message}; retrying in {delay:.1f}s "
+                flight.run_id, f"{failure.message}; retrying{resume} in {delay:.1f}s "
                 f"(attempt {failures + 1} of {self.settings.max_attempts})", stage=stage.value,
             )
-            flight.outcome, flight.failures = None, failures
+            flight.outcome, flight.failures, flight.worker = None, failures, None
             flight.retry_at = time.monotonic() + delay
             return
         self.store.finish_attempt(flight.run_id, stage, flight.attempt, "failed", failure.message)
@@ -190,7 +251,8 @@ class Dispatcher:
 
     def _finish(self, flight: Flight, status: RunStatus, error: str | None = None) -> None:
         try:
-            self.store.transition(flight.run_id, status, expected=RunStatus.RUNNING, error=error)
+            self.store.transition(flight.run_id, status, expected=RunStatus.RUNNING, error=error,
+                                  owner=self.dispatcher_id)
         except IllegalTransition:
             pass  # cancelled (or taken over) meanwhile: that status stands
         self.flights.pop(flight.run_id, None)
@@ -201,9 +263,12 @@ class Dispatcher:
 
         status, owner = self.store.owners([flight.run_id]).get(flight.run_id, (None, None))
         if status is not RunStatus.RUNNING or owner != self.dispatcher_id:
-            self.flights.pop(flight.run_id, None)  # cancelled in the hand-off between stages
+            self.flights.pop(flight.run_id, None)  # cancelled in the hand-off, or during a backoff
             return
         stage = pipeline.next_stage(flight.results)
+        if stage is Stage.CORPUS and self._corpus_busy(flight):
+            flight.retry_at = time.monotonic() + CORPUS_WAIT_S
+            return
         flight.attempt = self.store.start_attempt(flight.run_id, stage, self.dispatcher_id)
         flight.stage, flight.retry_at = stage, None
         heavy = stage in (Stage.TRAIN, Stage.SAMPLE)
@@ -215,7 +280,8 @@ class Dispatcher:
             num_threads=self._num_cpus if heavy else 1,
             use_accelerator=self._accelerator is not None,
         )
-        options = stage_options(stage, num_cpus=ctx.num_threads, accelerator=self._accelerator)
+        options = stage_options(stage, num_cpus=ctx.num_threads, accelerator=self._accelerator,
+                                run_id=flight.run_id, prefer_node=None if heavy else self._cpu_node())
         inputs = pipeline.stage_inputs(stage, flight.run_id, flight.spec, flight.results)
         flight.ref = run_stage.options(**options).remote(stage, ctx, inputs, self._relay)
 
@@ -224,6 +290,37 @@ class Dispatcher:
         for flight in list(self.flights.values()):
             if flight.ref is None and flight.retry_at is not None and flight.retry_at <= now:
                 self._launch(flight)
+
+    def _corpus_busy(self, flight: Flight) -> bool:
+        """Whether another run is building this run's corpus now: then wait and reuse it.
+
+        The corpus cache makes a second build of the same corpus redundant, not wrong: two
+        builds write identical objects atomically (and dispatchers that look at the same moment
+        may both build). Waiting just saves the work.
+        """
+        fetch = flight.results.get(Stage.FETCH)
+        if fetch is None or fetch.cached or not fetch.corpus_hash:
+            return False
+        builder = self.store.corpus_builders().get(fetch.corpus_hash)
+        if builder in (None, flight.run_id):
+            flight.waiting_for = None
+            return False
+        if flight.waiting_for != builder:
+            self.store.append_log(flight.run_id, f"waiting for run {builder}, which is building the same corpus")
+            flight.waiting_for = builder
+        return True
+
+    def _cpu_node(self) -> str | None:
+        """A node without the accelerator for fetch and corpus, in turn; None if all nodes are alike."""
+        if self._accelerator is None:
+            return None
+        now = time.monotonic()
+        if now - self._nodes_at >= NODES_REFRESH_S:
+            self._cpu_nodes, self._nodes_at = ray_runtime.nodes_without(self._accelerator), now
+        if not self._cpu_nodes:
+            return None
+        self._turn += 1
+        return self._cpu_nodes[self._turn % len(self._cpu_nodes)]
 
     def _claim(self) -> None:
         room = self.settings.max_concurrent - len(self.flights)
@@ -253,35 +350,69 @@ class Dispatcher:
         import ray
 
         if flight.ref is not None:
+            # force: the worker process is killed at once (a training loop never checks for a
+            # polite cancel), which frees its CPU and accelerator.
             ray.cancel(flight.ref, force=True, recursive=True)
             flight.ref = None
 
+    # ---- liveness ---------------------------------------------------------------------------
+
+    @property
+    def _interval(self) -> float:
+        return min(5.0, self.settings.heartbeat_timeout / 4)
+
     def _heartbeat(self) -> None:
         now = time.monotonic()
-        interval = min(5.0, self.settings.heartbeat_timeout / 4)
-        if now - self._last_heartbeat >= interval:
+        if now - self._last_heartbeat >= self._interval:
             self.store.heartbeat(self.dispatcher_id, list(self.flights))
             self._last_heartbeat = now
-        if now - self._last_reconcile >= interval:
-            self._last_reconcile = now
-            self._recover_stale()
 
-    def _recover_stale(self) -> None:
+    def _reconcile(self) -> None:
+        """Recover running runs that nobody drives any more (see the module docstring)."""
+        now = time.monotonic()
+        if now < self._next_reconcile:
+            return
+        if self._accelerator is None:  # accelerator nodes may join after the start
+            self._accelerator = ray_runtime.accelerator_resource(self.settings.accelerator)
+        owners = self.store.running_owners()
+        lost: dict[str, str] = {}
         for run_id in self.store.stale_runs(self.settings.heartbeat_timeout):
-            if run_id in self.flights:
+            lost[run_id] = f"no heartbeat for {self.settings.heartbeat_timeout:g}s"
+        gone = self._gone_dispatchers({o for o in owners.values() if o})
+        for run_id, owner in owners.items():
+            if owner in gone:
+                lost.setdefault(run_id, f"its dispatcher {owner} is gone")
+        for run_id, reason in lost.items():
+            if run_id in self.flights or run_id not in owners:
                 continue
             try:
-                self.store.close_open_attempts(run_id, "lost", "heartbeat stopped")
-                view = self.store.recover(
-                    run_id, f"no heartbeat for {self.settings.heartbeat_timeout:.0f}s",
-                    max_recoveries=self.settings.max_recoveries,
-                )
-                log.warning("recovered stale run %s -> %s", run_id, view.status.value)
+                view = self.store.recover(run_id, reason, max_recoveries=self.settings.max_recoveries,
+                                          owner=owners[run_id])
             except IllegalTransition:
                 continue  # its dispatcher came back, or another one recovered it first
+            log.warning("recovered run %s (%s) -> %s", run_id, reason, view.status.value)
+        self._next_reconcile = now + (CONFIRM_GONE_S if self._suspects else self._interval)
+
+    def _gone_dispatchers(self, owners: set[str]) -> set[str]:
+        """Dispatchers on this Ray cluster whose relay has been gone for `CONFIRM_GONE_S`."""
+        from workers.remote import relay_name
+
+        now, gone = time.monotonic(), set()
+        self._suspects = {d: t for d, t in self._suspects.items() if d in owners}
+        for owner in owners:
+            if owner == self.dispatcher_id or not owner.endswith(self._tag):
+                continue
+            if ray_runtime.actor_exists(relay_name(owner)):
+                self._suspects.pop(owner, None)
+            elif now - self._suspects.setdefault(owner, now) >= CONFIRM_GONE_S:
+                gone.add(owner)
+        return gone
 
     def _prune_checkpoints(self, run_id: str) -> None:
-        """Forget checkpoint records whose objects training rotated away."""
-        storage = self.settings.storage()
-        present = set(storage.list(keys.checkpoints_prefix(run_id)))
+        """Forget checkpoint records whose objects training rotated away (best effort)."""
+        try:
+            present = set(self.settings.storage().list(keys.checkpoints_prefix(run_id)))
+        except StorageError as exc:
+            log.warning("cannot list checkpoints of run %s: %s", run_id, exc.message)
+            return
         self.store.prune_artifacts(run_id, "checkpoint", present)

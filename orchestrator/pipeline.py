@@ -118,7 +118,8 @@ def classify(exc: BaseException, stage: Stage) -> Failure:
         return Failure(retry=cause.retryable, message=cause.message)
     names = {cls.__name__ for cls in type(cause).__mro__}
     if names & set(_INFRA):
-        return Failure(retry=True, message=f"{stage.value} worker lost: {_first_line(cause)}")
+        return Failure(retry=True, message=f"{stage.value} worker lost ({type(cause).__name__}): "
+                                           f"{_first_sentence(cause)}", detail=str(cause).strip())
     if isinstance(cause, (ConnectionError, TimeoutError)):
         return Failure(retry=True, message=f"{stage.value}: {type(cause).__name__}: {_first_line(cause)}")
     detail = str(exc) if isinstance(exc, rex.RayTaskError) else "".join(traceback.format_exception(cause))
@@ -127,6 +128,17 @@ def classify(exc: BaseException, stage: Stage) -> Failure:
         message=f"internal error in the {stage.value} stage: {type(cause).__name__}: {_first_line(cause)}",
         detail=detail,
     )
+
+
+def backoff(base: float, failures: int) -> float:
+    """Seconds before the retry that follows failure number `failures` (1, 2, ...): doubling
+    from `base`, at most a minute."""
+    return min(base * 2 ** (failures - 1), 60.0)
+
+
+def _first_sentence(exc: BaseException) -> str:
+    """Ray's errors explain at length; the run's error keeps what happened (the log has all)."""
+    return _first_line(exc).split(". ", 1)[0].rstrip(".")[:200]
 
 
 def _first_line(exc: BaseException) -> str:

@@ -9,12 +9,16 @@ the same token here, from `RAY_AUTH_TOKEN`, `RAY_AUTH_TOKEN_PATH` or `~/.ray/aut
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import secrets
 from pathlib import Path
 
 from schemas.errors import TransientError
+
+# Every charforge driver joins this namespace; dispatchers' named relays live in it.
+NAMESPACE = "charforge"
 
 
 class RayUnavailable(TransientError):
@@ -53,7 +57,7 @@ def connect(address: str | None, *, num_cpus: int | None = None) -> bool:
         return False
     # Ray's notice that it turned token auth on is for people who did not choose it; we did.
     logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
-    common = {"namespace": "charforge", "log_to_driver": False, "logging_level": logging.WARNING}
+    common = {"namespace": NAMESPACE, "log_to_driver": False, "logging_level": logging.WARNING}
     try:
         if address:
             ray.init(address=address, **common)
@@ -77,6 +81,40 @@ def accelerator_resource(preferred: str | None) -> str | None:
     resources = ray.cluster_resources()
     name = preferred or "GPU"
     return name if resources.get(name, 0) > 0 else None
+
+
+def cluster_tag() -> str:
+    """A short tag naming the Ray cluster this process is connected to (from its GCS address).
+
+    Dispatcher ids carry it, so a dispatcher only judges the liveness of dispatchers on its own
+    cluster: an embedded `jobs submit` on a private local Ray sharing the database is never
+    mistaken for a dead dispatcher. (A cluster reached under two addresses gets two tags: its
+    dispatchers then notice each other's death by heartbeat only, which is slower but safe.)
+    """
+    import ray
+
+    return hashlib.sha256(ray.get_runtime_context().gcs_address.encode()).hexdigest()[:6]
+
+
+def actor_exists(name: str) -> bool:
+    """Whether a live named actor `name` exists in charforge's namespace."""
+    import ray
+
+    try:
+        ray.get_actor(name, namespace=NAMESPACE)
+    except ValueError:
+        return False
+    return True
+
+
+def nodes_without(resource: str) -> list[str]:
+    """Alive nodes that have CPUs and none of `resource`: where CPU-only stages should go."""
+    import ray
+
+    return [
+        n["NodeID"] for n in ray.nodes()
+        if n.get("Alive") and n["Resources"].get("CPU", 0) > 0 and not n["Resources"].get(resource)
+    ]
 
 
 def cluster_cpus() -> int:

@@ -13,7 +13,6 @@ import fnmatch
 import secrets
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from datetime import timedelta
 from typing import Any
 
 from sqlalchemy import delete, select, update
@@ -21,6 +20,7 @@ from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.orm import Session, selectinload, sessionmaker
 
 from orchestrator import db
+from orchestrator.store_cluster import ClusterQueries
 from orchestrator.store_events import apply_event
 from orchestrator.store_views import attempt_view, run_summary, run_view
 from schemas.errors import IllegalTransition, RunNotFound, UserError
@@ -52,11 +52,13 @@ def new_run_id() -> str:
 
 
 def _move(session: Session, run: Run, source: RunStatus, new: RunStatus, *, error: str | None = None,
-          **fields: Any) -> bool:
+          owner: str | None = None, **fields: Any) -> bool:
     """The only code that changes a run's status: checks the table, stamps the timestamps.
 
-    A conditional UPDATE (`WHERE status = source`): of two processes making the same move, one
-    wins and the other gets False. That is also what makes claims safe on SQLite.
+    A conditional UPDATE (`WHERE status = source`, and `dispatcher_id = owner` when given): of
+    two processes making the same move, one wins and the other gets False. That is also what
+    makes claims safe on SQLite, and what stops a dispatcher from finishing or re-queueing a run
+    that another dispatcher has taken over meanwhile.
     """
     if not can_transition(source, new):
         raise IllegalTransition(f"run {run.id} is {source.value}: cannot move it to {new.value}")
@@ -71,11 +73,13 @@ def _move(session: Session, run: Run, source: RunStatus, new: RunStatus, *, erro
         values.update(error=None, finished_at=None, dispatcher_id=None, heartbeat_at=None, stage=None)
     elif new is RunStatus.RUNNING:
         values["heartbeat_at"] = now
-    result = session.execute(update(Run).where(Run.id == run.id, Run.status == source.value).values(**values))
-    return result.rowcount == 1
+    where = [Run.id == run.id, Run.status == source.value]
+    if owner is not None:
+        where.append(Run.dispatcher_id == owner)
+    return session.execute(update(Run).where(*where).values(**values)).rowcount == 1
 
 
-class RunStore:
+class RunStore(ClusterQueries):
     def __init__(self, url: str, *, migrate: bool = False) -> None:
         self.url = url
         self.engine = db.make_engine(url)
@@ -204,13 +208,15 @@ class RunStore:
         *,
         expected: RunStatus | None = None,
         error: str | None = None,
+        owner: str | None = None,
         **fields: Any,
     ) -> RunView:
         """Move a run to `new`, checked against the transition table.
 
         `expected` makes the move conditional on the status the caller saw (a claim, say);
-        without it the current status is read and checked. A move that lost a race raises
-        `IllegalTransition` naming the status the run actually has.
+        without it the current status is read and checked. `owner` makes it conditional on the
+        dispatcher that owns the run. A move that lost a race raises `IllegalTransition` naming
+        the status the run actually has.
         """
         with self._session() as session:
             run = self._get_run(session, run_id)
@@ -218,7 +224,7 @@ class RunStore:
             source = expected or current
             if expected and current is not expected:
                 raise IllegalTransition(f"run {run.id} is {current.value}: cannot move it to {new.value}")
-            if not _move(session, run, source, new, error=error, **fields):
+            if not _move(session, run, source, new, error=error, owner=owner, **fields):
                 session.rollback()
                 actual = self._status(run.id)
                 raise IllegalTransition(f"run {run.id} is {actual.value}: cannot move it to {new.value}")
@@ -275,25 +281,31 @@ class RunStore:
             ]
         return self.get_runs(claimed)
 
-    def recover(self, run_id: str, reason: str, *, max_recoveries: int) -> RunView:
-        """A running run lost its dispatcher or worker: queue it again, or fail it as lost."""
+    def recover(self, run_id: str, reason: str, *, max_recoveries: int, owner: str | None = None) -> RunView:
+        """A running run lost its dispatcher or worker: queue it again, or fail it as lost.
+
+        One transaction: the open attempts are closed as lost, the count goes up, and the move
+        is conditional on the run still being running under `owner` (the dispatcher the caller
+        saw), so a run another dispatcher recovered and claimed again meanwhile is left alone.
+        """
         with self._session() as session:
             run = self._get_run(session, run_id)
-            run.recoveries += 1
-            recoveries = run.recoveries
-        self.append_log(run_id, f"lost: {reason}")
-        if recoveries > max_recoveries:
-            return self.transition(
-                run_id, RunStatus.FAILED, expected=RunStatus.RUNNING,
-                error=f"lost: {reason} (gave up after {max_recoveries} recoveries)",
+            owner = owner or run.dispatcher_id
+            gave_up = run.recoveries + 1 > max_recoveries
+            new = RunStatus.FAILED if gave_up else RunStatus.QUEUED
+            error = f"lost: {reason} (gave up after {max_recoveries} recoveries)" if gave_up else None
+            if not _move(session, run, RunStatus.RUNNING, new, error=error, owner=owner,
+                         recoveries=Run.recoveries + 1):
+                raise IllegalTransition(f"run {run.id} is no longer running under {owner}: not recovering it")
+            session.execute(
+                update(StageAttempt)
+                .where(StageAttempt.run_id == run.id, StageAttempt.finished_at.is_(None))
+                .values(outcome="lost", error=reason, finished_at=utcnow())
             )
-        return self.transition(run_id, RunStatus.QUEUED, expected=RunStatus.RUNNING)
+            session.add(LogLineRow(run_id=run.id, message=f"lost: {reason}", at=utcnow()))
+        return self.get_run(run_id)
 
     # ---- bookkeeping while a run runs (the dispatcher's side) --------------------------------
-
-    def set_stage(self, run_id: str, stage: Stage) -> None:
-        with self._session() as session:
-            session.execute(update(Run).where(Run.id == run_id).values(stage=stage.value))
 
     def start_attempt(self, run_id: str, stage: Stage, dispatcher_id: str) -> int:
         with self._session() as session:
@@ -324,39 +336,6 @@ class RunStore:
                 .where(StageAttempt.run_id == run_id, StageAttempt.finished_at.is_(None))
                 .values(outcome=outcome, error=error, finished_at=utcnow())
             )
-
-    def heartbeat(self, dispatcher_id: str, run_ids: Sequence[str]) -> None:
-        if not run_ids:
-            return
-        with self._session() as session:
-            session.execute(
-                update(Run)
-                .where(Run.id.in_(list(run_ids)), Run.dispatcher_id == dispatcher_id,
-                       Run.status == RunStatus.RUNNING.value)
-                .values(heartbeat_at=utcnow())
-            )
-
-    def stale_runs(self, timeout: float) -> list[str]:
-        """Running runs whose heartbeat is older than `timeout` seconds."""
-        cutoff = utcnow() - timedelta(seconds=timeout)
-        with self._session() as session:
-            query = select(Run.id).where(Run.status == RunStatus.RUNNING.value, Run.heartbeat_at < cutoff)
-            return list(session.scalars(query))
-
-    def owners(self, run_ids: Sequence[str]) -> dict[str, tuple[RunStatus, str | None]]:
-        """Status and owning dispatcher of each run: how a dispatcher learns it lost a run."""
-        with self._session() as session:
-            rows = session.execute(
-                select(Run.id, Run.status, Run.dispatcher_id).where(Run.id.in_(list(run_ids)))
-            )
-            return {rid: (RunStatus(status), owner) for rid, status, owner in rows}
-
-    def owned_runs(self, dispatcher_id: str) -> list[str]:
-        with self._session() as session:
-            query = select(Run.id).where(
-                Run.dispatcher_id == dispatcher_id, Run.status == RunStatus.RUNNING.value
-            )
-            return list(session.scalars(query))
 
     def append_log(self, run_id: str, message: str, stage: str | None = None) -> None:
         with self._session() as session:

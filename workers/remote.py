@@ -2,13 +2,17 @@
 
 Touch points, numbered as Ray's own examples do:
  1. `ProgressRelay`, a tiny actor per dispatcher: workers push event batches to it
-    (fire-and-forget), the dispatcher drains it each tick and writes the store.
+    (fire-and-forget), the dispatcher drains it each tick and writes the store. It is named
+    after its dispatcher (`relay_name`) and, like the stage tasks, dies with that dispatcher:
+    other dispatchers take its absence as proof that the dispatcher and its tasks are gone.
  2. `run_stage`, one remote function for every stage: it rebuilds storage from its URL (workers
     hold storage credentials, never database ones), sets torch's thread count (Ray sets
     OMP_NUM_THREADS only when a worker starts, and reuses workers), reports which node runs this
     attempt, and calls the plain stage function.
- 3. `stage_options`: the resources each stage asks for. Ray-level retries are off (`max_retries=0`):
-    the dispatcher retries with backoff, checks for cancellation first, and records every attempt.
+ 3. `stage_options`: the resources each stage asks for and where it prefers to run, and a task
+    name carrying the run id (a worker's process title is `ray::<task name>` while it runs, so
+    `ps` shows which run each worker serves). Ray-level retries are off (`max_retries=0`): the
+    dispatcher retries with backoff, checks for cancellation first, and records every attempt.
 Only storage keys and small result models travel through Ray; corpora and weights never do.
 """
 
@@ -20,6 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from schemas.events import Event
 from schemas.status import Stage
@@ -37,6 +42,10 @@ class ProgressRelay:
     def drain(self) -> dict[str, list[Event]]:
         out, self._events = self._events, defaultdict(list)
         return dict(out)
+
+
+def relay_name(dispatcher_id: str) -> str:
+    return f"charforge-relay-{dispatcher_id}"
 
 
 @dataclass(frozen=True)
@@ -104,12 +113,18 @@ def run_stage(stage: Stage, ctx: StageContext, inputs: dict[str, Any], relay: An
         reporter.flush()
 
 
-def stage_options(stage: Stage, *, num_cpus: float, accelerator: str | None) -> dict[str, Any]:
-    """Ray options for one stage: training and sampling take the accelerator when there is one."""
-    options: dict[str, Any] = {"num_cpus": num_cpus, "name": f"charforge-{stage.value}"}
+def stage_options(
+    stage: Stage, *, num_cpus: float, accelerator: str | None, run_id: str = "", prefer_node: str | None = None,
+) -> dict[str, Any]:
+    """Ray options for one stage: training and sampling take the accelerator when there is one;
+    fetch and corpus prefer `prefer_node` (a node without it), falling back to any node."""
+    options: dict[str, Any] = {"num_cpus": num_cpus, "name": f"charforge-{stage.value}-{run_id}".rstrip("-")}
     if accelerator and stage in (Stage.TRAIN, Stage.SAMPLE):
         if accelerator == "GPU":
             options["num_gpus"] = 1
         else:  # a custom resource standing for a GPU node (tests, heterogeneous clusters)
             options["resources"] = {accelerator: 1}
+    elif prefer_node:
+        # soft: if that node dies or cannot fit the task, Ray places it elsewhere.
+        options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(prefer_node, soft=True)
     return options

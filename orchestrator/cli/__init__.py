@@ -62,30 +62,41 @@ def serve(
     """Run the dispatcher: claim queued runs and drive them on Ray (RAY_ADDRESS, or local Ray).
 
     Several `serve` may share one database: each run is claimed by exactly one. On SIGTERM or
-    Ctrl-C the runs in flight are stopped and queued again; another dispatcher (or this one,
-    restarted) resumes them from their last checkpoint.
+    Ctrl-C the runs in flight are stopped (their Ray tasks killed) and queued again; another
+    dispatcher (or this one, restarted) resumes them, training from its last checkpoint. A
+    `serve` that dies without that (SIGKILL, a lost machine) takes its Ray tasks with it, and
+    the others recover its runs (docs/cluster.md).
     """
+    from orchestrator import ray_runtime
     from orchestrator.dispatcher import Dispatcher
-    from schemas.errors import DatabaseUnavailable
+    from schemas.errors import TransientError
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    log = logging.getLogger("charforge.serve")
     cfg = context.settings(max_concurrent=max_concurrent)
     dispatcher = Dispatcher(context.store(cfg), cfg)
     dispatcher.start()
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     context.err.print(f"charforge serve: dispatcher {dispatcher.dispatcher_id} waiting for runs")
+    trouble: str | None = None  # the infrastructure error of the last tick, logged once
     try:
         while not stop.is_set():
             try:
                 dispatcher.tick()
-            except DatabaseUnavailable as exc:
-                logging.getLogger("charforge.dispatcher").warning("%s; retrying", exc.message)
+                if trouble:
+                    log.info("recovered from: %s", trouble)
+                trouble = None
+            except TransientError as exc:  # the database or storage is away: the next tick retries
+                if exc.message != trouble:
+                    log.warning("%s; retrying", exc.message)
+                trouble = exc.message
             stop.wait(poll)
     except KeyboardInterrupt:
         pass
     finally:
         dispatcher.stop(requeue=True)
+        ray_runtime.shutdown()  # leave the cluster now: our relay goes, and with it our claim to be alive
         context.err.print("charforge serve: stopped; runs in flight were queued again")
 
 

@@ -1,0 +1,198 @@
+"""Pieces the cluster tests share (this module holds no tests of its own).
+
+- `RayCluster`: a real multi-node Ray cluster on loopback (`ray.cluster_utils.Cluster`): a head
+  with 1 CPU, a CPU node, and a "GPU" node carrying the custom resource `accel`; this process
+  joins it as a driver. Storage credentials for the test S3 servers are put in the environment
+  before the nodes start, because Ray workers inherit the environment of their node.
+- `GitTarpit`: a TCP proxy in front of the git daemon that serves the first `allow` connections
+  and holds every later one open without answering: a git server that hangs, so a test can catch
+  the fetch or corpus stage mid-way on purpose.
+- `wait_until`, `alive`, `assert_resumed_not_restarted`.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from tests.services import S3_ACCESS_KEY, S3_SECRET_KEY
+
+ACCEL = "accel"
+S3_ENV = {
+    "AWS_ACCESS_KEY_ID": S3_ACCESS_KEY,
+    "AWS_SECRET_ACCESS_KEY": S3_SECRET_KEY,
+    "AWS_DEFAULT_REGION": "us-east-1",
+    "AWS_EC2_METADATA_DISABLED": "true",
+}
+
+
+@dataclass
+class RayCluster:
+    cluster: Any
+    head: Any
+    cpu: Any
+    gpu: Any
+    saved_env: dict[str, str | None] = field(default_factory=dict)
+
+    @classmethod
+    def start(cls) -> RayCluster:
+        from ray.cluster_utils import Cluster
+
+        from orchestrator import ray_runtime
+
+        saved = {k: os.environ.get(k) for k in S3_ENV}
+        os.environ.update(S3_ENV)
+        cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+        cpu = cluster.add_node(num_cpus=2)
+        gpu = cluster.add_node(num_cpus=2, resources={ACCEL: 2})
+        cluster.wait_for_nodes()
+        ray_runtime.connect(cluster.address)
+        return cls(cluster, cluster.head_node, cpu, gpu, saved)
+
+    @property
+    def address(self) -> str:
+        return self.cluster.address
+
+    @property
+    def gpu_node_id(self) -> str:
+        return self.gpu.node_id
+
+    @property
+    def cpu_node_ids(self) -> set[str]:
+        return {self.head.node_id, self.cpu.node_id}
+
+    def kill_gpu_node(self) -> str:
+        """Remove the accelerator node (its raylet and workers die); returns its id."""
+        old, self.gpu = self.gpu, None
+        self.cluster.remove_node(old, allow_graceful=False)
+        return old.node_id
+
+    def add_gpu_node(self) -> str:
+        self.gpu = self.cluster.add_node(num_cpus=2, resources={ACCEL: 2})
+        self.cluster.wait_for_nodes()
+        return self.gpu.node_id
+
+    def free(self, resource: str) -> float:
+        import ray
+
+        return ray.available_resources().get(resource, 0.0)
+
+    def shutdown(self) -> None:
+        from orchestrator import ray_runtime
+
+        ray_runtime.shutdown()
+        self.cluster.shutdown()
+        for key, value in self.saved_env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+class GitTarpit:
+    """Forwards the first `allow` connections to the git daemon; holds later ones unanswered."""
+
+    def __init__(self, upstream_port: int, allow: int) -> None:
+        self.upstream_port, self.allow = upstream_port, allow
+        self.connections = 0
+        self._server = socket.create_server(("127.0.0.1", 0))
+        self.port = self._server.getsockname()[1]
+        self._held: list[socket.socket] = []
+        self._closed = False
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    @property
+    def base_url(self) -> str:
+        return f"git://127.0.0.1:{self.port}/"
+
+    def _accept(self) -> None:
+        while not self._closed:
+            try:
+                conn, _ = self._server.accept()
+            except OSError:
+                return
+            self.connections += 1
+            if self.connections > self.allow:
+                self._held.append(conn)  # never answered: the client waits (until its timeout)
+                continue
+            upstream = socket.create_connection(("127.0.0.1", self.upstream_port))
+            for a, b in ((conn, upstream), (upstream, conn)):
+                threading.Thread(target=_pump, args=(a, b), daemon=True).start()
+
+    def close(self) -> None:
+        self._closed = True
+        self._server.close()
+        for conn in self._held:
+            conn.close()
+
+
+def _pump(src: socket.socket, dst: socket.socket) -> None:
+    try:
+        while data := src.recv(65536):
+            dst.sendall(data)
+    except OSError:
+        pass
+    finally:
+        for s in (src, dst):
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+
+def wait_until(condition: Callable[[], Any], what: str, timeout: float = 60.0,
+               step: Callable[[], None] | None = None, interval: float = 0.1) -> Any:
+    """Call `step` (a dispatcher tick) until `condition()` is truthy; fail saying `what` if never.
+
+    The deadline only keeps a broken run from hanging the suite; no test asserts on time.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        if step is not None:
+            step()
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"gave up waiting for {what} after {timeout:.0f}s")
+        time.sleep(interval)
+
+
+def alive(pid: int) -> bool:
+    """Whether process `pid` exists and is not a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+
+
+def assert_resumed_not_restarted(store: Any, run_id: str, seen_step: int, killed_at: datetime,
+                                 log_every: int = 5) -> int:
+    """The killed training resumed from a checkpoint at or after `seen_step`, never from step 0.
+
+    `seen_step` is a checkpoint the store had recorded before the kill at `killed_at`. Returns
+    the step training resumed from.
+    """
+    logs = [line.message for line in store.logs(run_id)]
+    resumed = [int(m.rsplit(" ", 1)[1]) for m in logs if m.startswith("resuming from checkpoint at step ")]
+    assert resumed, logs
+    step = resumed[-1]
+    assert step >= seen_step > 0
+    points = store.metrics(run_id)
+    # The points up to the checkpoint seen before the kill are the first attempt's own, written
+    # before the kill: a restart from step 0 would have rewritten them (the store rewinds the
+    # history to where a resumed attempt reports).
+    early = [p for p in points if log_every < p.step <= seen_step]
+    assert early and all(p.recorded_at < killed_at for p in early)
+    # One continuous history: a train loss every `log_every` steps, none missing, none twice.
+    logged = [p.step for p in points if p.train_loss is not None]
+    assert logged == list(range(log_every, logged[-1] + 1, log_every))
+    assert logged[-1] > step
+    return step
