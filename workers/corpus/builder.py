@@ -41,7 +41,11 @@ PROGRESS_EVERY = 0.5  # seconds between progress reports
 
 
 def default_jobs() -> int:
-    return max(1, min(len(os.sched_getaffinity(0)), 8))
+    """Worker processes. One core stays with the main process (walk, write, hash). On two cores
+    or fewer a pool costs more than it gives (measured: docs/corpus.md), so the build runs
+    in-process there."""
+    cpus = len(os.sched_getaffinity(0))
+    return 1 if cpus <= 2 else min(cpus - 1, 8)
 
 
 @dataclass

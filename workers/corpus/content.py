@@ -248,10 +248,10 @@ def _decode(data: bytes, rules: Rules) -> tuple[bytes | None, str | None]:
     return data, None
 
 
-def _examine(opener: _Opener, item: Item, task: Task) -> tuple[Outcome, bytes, bytes]:
+def _examine(opener: _Opener, item: Item, task: Task, path_rules: P.PathRules) -> tuple[Outcome, bytes, bytes]:
     """(verdict, header, text): header and text are empty unless the file is kept."""
     rules = task.rules
-    reason, detail = _path_rules(rules).classify(item.rel, item.size, item.attrs, item.ignored)
+    reason, detail = path_rules.classify(item.rel, item.size, item.attrs, item.ignored)
     if reason:
         return Outcome(item.rel, item.size, reason, detail), b"", b""
     try:
@@ -282,7 +282,7 @@ def judge(rel: str, display: str, data: bytes, rules: Rules, size: int) -> tuple
         return Outcome(rel, len(data), P.TOO_LARGE, "grew while being read"), *skip
     if not data:
         return Outcome(rel, size, P.EMPTY), *skip
-    language = P.language_of(P.filename_tags(rel.rsplit("/", 1)[-1]))
+    language = P.language_of_name(rel.rsplit("/", 1)[-1])
     if language is None:  # no language from the name: a `#!` line may tell
         tags = P.interpreter_tags(data[:256].split(b"\n", 1)[0])
         language = P.language_of(tags)
@@ -306,6 +306,7 @@ def judge(rel: str, display: str, data: bytes, rules: Rules, size: int) -> tuple
 def examine_batch(task: Task, items: list[Item]) -> BatchResult:
     """Judge `items` (files under `task.root`) in order. Runs in a worker process."""
     opener = _Opener(task.root)
+    path_rules = _path_rules(task.rules)
     outcomes: list[Outcome] = []
     parts: list[bytes] = []
     kept: list[str] = []
@@ -319,7 +320,7 @@ def examine_batch(task: Task, items: list[Item]) -> BatchResult:
             if item.skip:
                 outcome, head, text = Outcome(item.rel, item.size, item.skip, item.detail), b"", b""
             else:
-                outcome, head, text = _examine(opener, item, task)
+                outcome, head, text = _examine(opener, item, task, path_rules)
             outcomes.append(outcome)
             if outcome.reason is not None:
                 by_reason[outcome.reason] += 1

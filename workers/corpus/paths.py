@@ -64,6 +64,11 @@ def filename_tags(name: str) -> frozenset[str]:
     return frozenset(identify.tags_from_filename(name))
 
 
+@lru_cache(maxsize=65536)
+def language_of_name(name: str) -> str | None:
+    return language_of(filename_tags(name))
+
+
 def language_of(tags: frozenset[str]) -> str | None:
     """The most specific tag, deterministically: sorted first of the non-generic ones."""
     specific = sorted(tags - _GENERIC_TAGS)

@@ -136,11 +136,12 @@ def _entries(
     keyed.sort(key=lambda pair: pair[0])
     for key, entry in keyed:
         child = rel + key
-        try:
-            child.encode("utf-8")
-        except UnicodeEncodeError:
-            yield Skipped(_printable(child), P.BAD_NAME)
-            continue
+        if not key.isascii():  # names are str with surrogates where bytes were not UTF-8
+            try:
+                child.encode("utf-8")
+            except UnicodeEncodeError:
+                yield Skipped(_printable(child), P.BAD_NAME)
+                continue
         if key.endswith("/"):
             reason = rules.prune_dir(entry.name) or marks.get(child)
             yield Skipped(child, reason) if reason else _Descend(entry.path, child, attr, ignore)
