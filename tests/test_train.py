@@ -1,0 +1,188 @@
+"""The training stage on real (tiny) corpora: it learns, it guards, it fine-tunes, it stops."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from schemas.errors import TrainingError
+from schemas.events import EventKind
+from schemas.results import CorpusResult
+from schemas.training import PRESETS, ModelConfig
+from workers import keys
+from workers.checkpoint import Checkpoint, find_checkpoint, load_checkpoint, save_checkpoint
+from workers.data import prepare_corpus
+from workers.model import CharRNN
+from workers.progress import ListReporter
+from workers.storage import LocalStorage
+from workers.train import run_train_stage
+from workers.vocab import Vocab
+
+TINY_MODEL, TINY_TRAIN = PRESETS["tiny"]
+
+
+def code_text(n: int = 2048) -> str:
+    """About `n` characters of small, repetitive Python."""
+    lines, i = [], 0
+    while sum(map(len, lines)) < n:
+        lines.append(f"def add_{i % 7}(a, b):\n    return a + b * {i % 5}\n\n")
+        i += 1
+    return "".join(lines)[:n]
+
+
+def make_corpus(storage: LocalStorage, text: str, tag: str = "a") -> CorpusResult:
+    corpus_hash = (tag * 64)[:64]
+    storage.put_bytes(keys.corpus_text(corpus_hash), text.encode())
+    return CorpusResult(
+        hash=corpus_hash, text_key=keys.corpus_text(corpus_hash),
+        manifest_key=keys.corpus_manifest(corpus_hash), bytes=len(text.encode()), files=1,
+        skipped=0, vocab_size=len(set(text)), repos=(),
+    )
+
+
+def train_losses(reporter: ListReporter) -> list[tuple[int, float]]:
+    return [(m["step"], m["train_loss"]) for m in reporter.of(EventKind.METRIC) if "train_loss" in m]
+
+
+def test_tiny_model_overfits_2kb(tmp_path: Path) -> None:
+    storage = LocalStorage(tmp_path)
+    corpus = make_corpus(storage, code_text(2048))
+    train = TINY_TRAIN.model_copy(update={
+        "learning_rate": 1e-2, "max_iters": 150, "batch_size": 8, "eval_val_every": 50,
+        "checkpoint_every": 150,
+    })
+    reporter = ListReporter()
+    result = run_train_stage(storage, "0f0f01", corpus, ModelConfig(rnn_size=64, num_layers=1),
+                             train, reporter, device="cpu", num_threads=1)
+    losses = train_losses(reporter)
+    assert losses[0][1] > 2.5  # ~ln(vocab) at the start
+    assert result.final_train_loss is not None and result.final_train_loss < 0.6
+    assert result.final_step == 150 and result.stop_reason == "max_iters"
+    assert result.best_val_loss is not None and result.best_val_loss < 1.5
+    assert storage.exists(result.checkpoint_key)
+    metric = reporter.of(EventKind.METRIC)
+    assert all({"lr", "chars_per_sec"} <= set(m) for m in metric if "train_loss" in m)
+    assert [m["step"] for m in metric if "val_loss" in m] == [50, 100, 150]
+    artifacts = reporter.of(EventKind.ARTIFACT)
+    assert [a["meta"]["step"] for a in artifacts] == [150]
+    assert artifacts[0]["kind"] == "checkpoint" and artifacts[0]["meta"]["best"] is True
+
+
+def test_keeps_last_checkpoints_and_the_best(tmp_path: Path) -> None:
+    storage = LocalStorage(tmp_path)
+    corpus = make_corpus(storage, code_text(2048))
+    train = TINY_TRAIN.model_copy(update={"max_iters": 50, "checkpoint_every": 10, "keep_last": 2})
+    run_train_stage(storage, "0f0f02", corpus, TINY_MODEL, train, ListReporter(), num_threads=1)
+    pointer = json.loads(storage.get_bytes(keys.latest_checkpoint("0f0f02")))
+    kept = [e["step"] for e in pointer["kept"]]
+    assert pointer["latest"]["step"] == 50 and kept[-2:] == [40, 50]
+    assert set(kept) == {40, 50, pointer["best"]["step"]}
+    assert find_checkpoint(storage, "0f0f02", "best") == pointer["best"]["key"]
+    assert not storage.exists(keys.checkpoint("0f0f02", 30)) or 30 == pointer["best"]["step"]
+
+
+def test_corpus_encoded_once_and_reused(tmp_path: Path) -> None:
+    storage = LocalStorage(tmp_path)
+    corpus = make_corpus(storage, code_text(2048))
+    first = prepare_corpus(storage, corpus, TINY_TRAIN)
+    stamp = (tmp_path / first.key).stat().st_mtime_ns
+    again = prepare_corpus(storage, corpus, TINY_TRAIN)
+    assert again == first and (tmp_path / first.key).stat().st_mtime_ns == stamp
+    assert storage.size(first.key) == 2048 and first.dtype.itemsize == 1
+
+
+def test_large_vocabulary_uses_uint16_and_folds_rare_characters(tmp_path: Path) -> None:
+    storage = LocalStorage(tmp_path)
+    common = "".join(chr(0x4E00 + i) for i in range(300)) * 2  # 300 characters seen twice
+    corpus = make_corpus(storage, common + "ж")  # "ж" seen once: folded into unknown
+    encoded = prepare_corpus(storage, corpus, TINY_TRAIN)
+    assert len(encoded.vocab) == 301 and "ж" not in encoded.vocab.index
+    assert storage.size(encoded.key) == 2 * 601
+    with storage.local_path(encoded.key) as path:
+        assert path.read_bytes()[-2:] == b"\0\0"  # the folded character is index 0
+
+
+def test_nan_guard_fires_on_a_poisoned_batch(tmp_path: Path) -> None:
+    """Weights that turn one character into NaN: the first batch holding it stops training."""
+    storage = LocalStorage(tmp_path)
+    text = code_text(2048)
+    text = text[:1890] + "§§" + text[1892:]  # late in the last batch row: not in the first window
+    corpus = make_corpus(storage, text)
+    vocab = Vocab.from_text(text)
+    torch.manual_seed(0)
+    model = CharRNN(len(vocab), TINY_MODEL)
+    with torch.no_grad():
+        model.embed.weight[vocab.index["§"]] = float("nan")
+    poisoned = keys.checkpoint("bad001", 1)
+    save_checkpoint(storage, poisoned, Checkpoint(TINY_MODEL, TINY_TRAIN, vocab, model.state_dict()))
+    reporter = ListReporter()
+    with pytest.raises(TrainingError, match=r"^training diverged at step (\d+): loss nan") as err:
+        run_train_stage(storage, "0f0f03", corpus, TINY_MODEL, TINY_TRAIN, reporter,
+                        init_from=poisoned, num_threads=1)
+    step = int(err.value.message.split("step ")[1].split(":")[0])
+    assert step > 1  # earlier batches, without the character, trained normally
+    assert all(loss == loss for _s, loss in train_losses(reporter))  # no NaN was ever reported
+    assert not storage.exists(keys.latest_checkpoint("0f0f03"))  # nothing poisoned was saved
+
+
+def test_exploding_loss_stops_training(tmp_path: Path) -> None:
+    storage = LocalStorage(tmp_path)
+    corpus = make_corpus(storage, code_text(2048))
+    train = TINY_TRAIN.model_copy(update={
+        "learning_rate": 10.0, "grad_clip": 1e6, "optimizer": "rmsprop", "lr_schedule": "constant",
+    })
+    with pytest.raises(TrainingError, match=r"^training diverged at step \d+: loss "):
+        run_train_stage(storage, "0f0f04", corpus, TINY_MODEL, train, ListReporter(), num_threads=1)
+
+
+def test_fine_tuning_starts_from_another_runs_weights(tmp_path: Path) -> None:
+    storage = LocalStorage(tmp_path)
+    text = code_text(2048)
+    source = run_train_stage(storage, "0f0f05", make_corpus(storage, text, "b"), TINY_MODEL,
+                             TINY_TRAIN, ListReporter(), num_threads=1)
+    fresh, tuned = ListReporter(), ListReporter()
+    subset = make_corpus(storage, text[::-1], "c")  # same alphabet, new text
+    run_train_stage(storage, "0f0f06", subset, TINY_MODEL, TINY_TRAIN, fresh, num_threads=1)
+    run_train_stage(storage, "0f0f07", subset, ModelConfig(rnn_size=999), TINY_TRAIN, tuned,
+                    init_from=source.checkpoint_key, num_threads=1)
+    assert train_losses(tuned)[0][1] < train_losses(fresh)[0][1]
+    assert load_checkpoint(storage, find_checkpoint(storage, "0f0f07")).model_config.rnn_size == 32
+    assert any("fine-tuning keeps" in e["message"] for e in tuned.of(EventKind.LOG))
+
+    other = make_corpus(storage, text + "λλλλ ΩΩΩΩ", "d")
+    with pytest.raises(TrainingError, match="vocabularies differ: the corpus uses 2 characters .*Ωλ"):
+        run_train_stage(storage, "0f0f08", other, TINY_MODEL, TINY_TRAIN, ListReporter(),
+                        init_from=source.checkpoint_key, num_threads=1)
+
+
+def test_time_budget_stops_cleanly_with_a_final_checkpoint(tmp_path: Path) -> None:
+    storage = LocalStorage(tmp_path)
+    corpus = make_corpus(storage, code_text(2048))
+    train = TINY_TRAIN.model_copy(update={"max_iters": 10**9, "time_budget": 0.5})
+    result = run_train_stage(storage, "0f0f09", corpus, TINY_MODEL, train, ListReporter(),
+                             num_threads=1)
+    assert result.stop_reason == "time_budget"
+    ckpt = load_checkpoint(storage, result.checkpoint_key)
+    assert ckpt.step == result.final_step and ckpt.info["finished"] is True
+    assert ckpt.val_loss == result.final_val_loss
+
+
+def test_max_epochs_and_random_batching(tmp_path: Path) -> None:
+    storage = LocalStorage(tmp_path)
+    corpus = make_corpus(storage, code_text(2048))
+    train = TINY_TRAIN.model_copy(update={"max_epochs": 2.0, "batching": "random"})
+    result = run_train_stage(storage, "0f0f0a", corpus, TINY_MODEL, train, ListReporter(),
+                             num_threads=1)
+    # 2 epochs of ~1945 training characters at 16 x 32 characters a step
+    assert result.stop_reason == "max_epochs" and result.final_step == 8
+
+
+def test_corpus_too_small_for_the_batch_shape(tmp_path: Path) -> None:
+    storage = LocalStorage(tmp_path)
+    corpus = make_corpus(storage, code_text(300))
+    with pytest.raises(TrainingError, match="lower batch_size or seq_length"):
+        run_train_stage(storage, "0f0f0b", corpus, TINY_MODEL, TINY_TRAIN, ListReporter())
+

@@ -1,0 +1,90 @@
+"""Resume after an interruption continues bit-for-bit (CPU, fixed seed), never from step 0."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from schemas.events import EventKind
+from schemas.training import PRESETS, ModelConfig
+from tests.test_train import code_text, make_corpus
+from workers import keys
+from workers.checkpoint import find_checkpoint, load_checkpoint
+from workers.progress import ListReporter
+from workers.storage import LocalStorage
+from workers.train import run_train_stage
+
+# Two layers with dropout, so the RNG state matters too.
+MODEL = ModelConfig(rnn_size=32, num_layers=2, dropout=0.2)
+
+
+class Killed(Exception):
+    """Stands in for the worker process dying."""
+
+
+class DyingReporter(ListReporter):
+    def __init__(self, die_at: int) -> None:
+        super().__init__()
+        self.die_at = die_at
+
+    def metric(self, step: int, **values: float) -> None:
+        if step >= self.die_at:
+            raise Killed(f"killed at step {step}")
+        super().metric(step, **values)
+
+
+def history(reporter: ListReporter) -> list[tuple[int, str, float]]:
+    """Every loss and lr reported, by step (chars/s is a timing and left out)."""
+    out = []
+    for m in reporter.of(EventKind.METRIC):
+        out += [(m["step"], k, v) for k, v in m.items() if k in ("train_loss", "val_loss", "lr")]
+    return out
+
+
+@pytest.mark.parametrize("batching", ["sequential", "random"])
+def test_resume_gives_the_same_losses(tmp_path: Path, batching: str) -> None:
+    storage = LocalStorage(tmp_path)
+    corpus = make_corpus(storage, code_text(4096))
+    train = PRESETS["tiny"][1].model_copy(update={
+        "batching": batching, "max_iters": 40, "log_every": 1, "eval_val_every": 5,
+        "checkpoint_every": 10, "keep_last": 1, "lr_schedule": "cosine", "warmup_iters": 5,
+    })
+    kwargs: dict[str, Any] = {"device": "cpu", "num_threads": 1}
+
+    whole = ListReporter()
+    expected = run_train_stage(storage, "aaaa01", corpus, MODEL, train, whole, **kwargs)
+
+    dying = DyingReporter(die_at=25)
+    with pytest.raises(Killed):
+        run_train_stage(storage, "bbbb02", corpus, MODEL, train, dying, **kwargs)
+    assert find_checkpoint(storage, "bbbb02") == keys.checkpoint("bbbb02", 20)
+
+    resumed = ListReporter()
+    # The caller's configs are ignored on resume: the checkpoint's are the run's.
+    result = run_train_stage(storage, "bbbb02", corpus, ModelConfig(rnn_size=8), train, resumed, **kwargs)
+
+    after = history(resumed)
+    assert after[0][0] == 21  # continues after the checkpoint, no restart from step 0
+    assert after == [h for h in history(whole) if h[0] > 20]
+    assert history(dying) == [h for h in history(whole) if h[0] < 25]
+    numbers = ("final_step", "best_val_loss", "final_train_loss", "final_val_loss", "stop_reason")
+    assert [getattr(result, f) for f in numbers] == [getattr(expected, f) for f in numbers]
+    a = load_checkpoint(storage, expected.checkpoint_key).state_dict
+    b = load_checkpoint(storage, result.checkpoint_key).state_dict
+    assert all(torch.equal(a[name], b[name]) for name in a)
+    assert any("resuming from checkpoint at step 20" in e["message"] for e in resumed.of(EventKind.LOG))
+
+
+def test_resuming_a_finished_run_trains_no_more(tmp_path: Path) -> None:
+    """A Ray retry after training finished (the result was lost on the way) returns the result."""
+    storage = LocalStorage(tmp_path)
+    corpus = make_corpus(storage, code_text(2048))
+    model, train = PRESETS["tiny"]
+    first = run_train_stage(storage, "cccc03", corpus, model, train, ListReporter(), num_threads=1)
+    again = ListReporter()
+    second = run_train_stage(storage, "cccc03", corpus, model, train, again, num_threads=1)
+    assert second.model_dump() | {"chars_per_sec": 0} == first.model_dump() | {"chars_per_sec": 0}
+    assert again.of(EventKind.METRIC) == [] and again.of(EventKind.ARTIFACT) == []
