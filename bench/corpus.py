@@ -153,26 +153,30 @@ def main() -> None:
         print(f"peak memory, single tree: builder process RSS {sampled['main_rss'] / 2**20:.0f} MiB; whole "
               f"process tree PSS {peak / 2**20:.0f} MiB (RSS summed {peak_rss / 2**20:.0f} MiB) (goal < 256 MiB)")
         if not args.no_double:
-            double_check(tree, work, jobs, peak)
+            double_check(tree, work, jobs, sampled)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
 
-def double_check(tree: Path, work: Path, jobs: int, single_peak: int) -> None:
+def _growth(label: str, single: dict, double: dict) -> str:
+    rss, pss = double["main_rss"] / single["main_rss"] - 1, double["tree_pss"] / single["tree_pss"] - 1
+    return (f"{label}: single {mb(single['bytes'])}, doubled {mb(double['bytes'])} in {double['wall']:.2f} s; "
+            f"builder RSS {single['main_rss'] / 2**20:.0f} -> {double['main_rss'] / 2**20:.0f} MiB ({rss:+.1%}), "
+            f"process tree PSS {single['tree_pss'] / 2**20:.0f} -> {double['tree_pss'] / 2**20:.0f} MiB ({pss:+.1%})")
+
+
+def double_check(tree: Path, work: Path, jobs: int, single: dict) -> None:
     double = work / "double"
     double.mkdir()
     for name in ("a", "b"):  # hard links: the same bytes twice without copying them
-        if subprocess.run(["cp", "-al", str(tree), str(double / name)], capture_output=True).returncode:
+        if subprocess.run(["cp", "-al", str(tree), str(double / name)], capture_output=True, check=False).returncode:
             print("doubled tree: skipped (cp -al failed: the bench dir is on another filesystem)")
             return
     same = run_builder(double, work / "double-dedupe.txt", jobs)
-    kept = run_builder(double, work / "double-keep.txt", jobs, keep_duplicates=True)
+    print(_growth("doubled tree, duplicates dropped (goal: within 10%)", single, same))
     single_keep = run_builder(tree, work / "single-keep.txt", jobs, keep_duplicates=True)
-    print(f"doubled tree, duplicates dropped: {mb(same['bytes'])} kept in {same['wall']:.2f} s, peak PSS "
-          f"{same['tree_pss'] / 2**20:.0f} MiB ({same['tree_pss'] / single_peak - 1:+.1%} vs single; goal within 10%)")
-    print(f"duplicates kept: single {mb(single_keep['bytes'])} peak PSS {single_keep['tree_pss'] / 2**20:.0f} MiB; "
-          f"doubled {mb(kept['bytes'])} peak PSS {kept['tree_pss'] / 2**20:.0f} MiB "
-          f"({kept['tree_pss'] / single_keep['tree_pss'] - 1:+.1%})")
+    kept = run_builder(double, work / "double-keep.txt", jobs, keep_duplicates=True)
+    print(_growth("doubled tree, duplicates kept", single_keep, kept))
 
 
 if __name__ == "__main__":

@@ -57,7 +57,7 @@ _GIT_ENV = {
 
 def _git(cwd: Path, *args: str) -> str:
     env = {**os.environ, **_GIT_ENV, "HOME": str(cwd)}  # no user config leaks into fixtures
-    proc = subprocess.run(["git", *args], cwd=cwd, env=env, capture_output=True, text=True)
+    proc = subprocess.run(["git", *args], cwd=cwd, env=env, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         raise RuntimeError(f"git {' '.join(args)} failed in {cwd}: {proc.stderr.strip()}")
     return proc.stdout.strip()
@@ -116,7 +116,7 @@ class GitServer:
         self._counter = itertools.count(1)
 
     def start(self) -> None:
-        log = open(self.root / "daemon.log", "wb")
+        log = open(self.root / "daemon.log", "wb")  # noqa: SIM115 - the daemon writes it until stop()
         self._proc = subprocess.Popen(
             ["git", "daemon", f"--base-path={self.repos}", "--export-all", "--reuseaddr",
              "--listen=127.0.0.1", f"--port={self.port}", "--informative-errors", str(self.repos)],

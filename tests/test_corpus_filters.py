@@ -102,7 +102,7 @@ def test_encoding_policy_newlines_and_layout(tmp_path):
 
 def test_duplicates_are_dropped_unless_asked(tmp_path):
     files = {"a.c": "int x;\n", "b.c": "int x;\n", "c.c": "int y;\n"}
-    text, skipped, manifest = build(tmp_path, files)
+    text, skipped, _ = build(tmp_path, files)
     assert text == "// a.c\nint x;\n// c.c\nint y;\n" and skipped == {"b.c": "duplicate"}
     text, skipped, _ = build(tmp_path / "2", files, dedupe=False)
     assert text.count("int x;") == 2 and skipped == {}

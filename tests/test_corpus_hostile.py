@@ -15,7 +15,13 @@ import pytest
 from schemas.corpus import CorpusConfig
 from schemas.events import EventKind
 from schemas.repo import parse_repo_spec
-from tests.gitserver import HOSTILE_KEPT, HOSTILE_SKIPPED, hostile_files, source_files, write_files
+from tests.gitserver import (
+    HOSTILE_KEPT,
+    HOSTILE_SKIPPED,
+    hostile_files,
+    source_files,
+    write_files,
+)
 from workers import keys
 from workers.corpus import build_corpus_file, run_corpus_stage, run_fetch_stage
 from workers.progress import ListReporter

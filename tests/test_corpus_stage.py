@@ -13,8 +13,7 @@ from schemas.errors import CorpusError, RepoError
 from schemas.events import EventKind
 from schemas.repo import parse_repo_spec
 from tests.gitserver import Symlink, make_repo, source_files, tiny_png
-from workers.corpus import run_corpus_stage, run_fetch_stage
-from workers.corpus import builder
+from workers.corpus import builder, run_corpus_stage, run_fetch_stage
 from workers.corpus.builder import CorpusBuilder, SourceTree
 from workers.corpus.manifest import ManifestWriter
 from workers.corpus.sources import GitView
@@ -22,7 +21,8 @@ from workers.progress import NULL_REPORTER, ListReporter
 from workers.storage import LocalStorage
 
 
-def _stages(storage, git_server, specs, config=CorpusConfig(), scratch=None, reporter=None):
+def _stages(storage, git_server, specs, config=None, scratch=None, reporter=None):
+    config = config or CorpusConfig()
     reporter = reporter or ListReporter("corpus")
     fetch = run_fetch_stage(storage, [parse_repo_spec(s) for s in specs], config,
                             git_base_url=git_server.base_url, reporter=reporter)
@@ -135,7 +135,7 @@ def test_submodule_contents_are_never_fetched(git_server, storage, tmp_path):
                    check=True)
     subprocess.run(["git", "-C", str(work), "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "sub"],
                    check=True)
-    fetch, result = _stages(storage, git_server, [str(work)])
+    _, result = _stages(storage, git_server, [str(work)])
     manifest = json.loads(storage.get_bytes(result.manifest_key))
     assert {"path": "deps/lib/", "reason": "submodule", "repo": 0, "bytes": 0} in manifest["skipped"]
 

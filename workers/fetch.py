@@ -90,7 +90,7 @@ def _run_git(
     try:
         return subprocess.run(
             ["git", *_SAFE, *args], cwd=cwd, env=git_env(), capture_output=True, text=True,
-            timeout=timeout, stdin=subprocess.DEVNULL, errors="replace",
+            timeout=timeout, stdin=subprocess.DEVNULL, errors="replace", check=False,
         )
     except subprocess.TimeoutExpired:
         raise GitUnavailable(f"git timed out after {timeout:.0f}s on {what}") from None

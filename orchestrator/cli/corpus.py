@@ -12,7 +12,7 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Self
 
 import typer
 from pydantic import ValidationError
@@ -104,7 +104,7 @@ class _ProgressReporter:
         )
         self._task = self._progress.add_task("resolving", total=None)
 
-    def __enter__(self) -> _ProgressReporter:
+    def __enter__(self) -> Self:
         self._progress.start()
         return self
 

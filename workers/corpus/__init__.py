@@ -19,7 +19,7 @@ _EXPORTS = {
     "build_corpus_file": "stage", "corpus_hash": "stage", "inspect_corpus": "stage",
     "load_manifest": "stage", "run_corpus_stage": "stage", "run_fetch_stage": "stage",
 }
-__all__ = sorted(_EXPORTS)
+__all__ = list(_EXPORTS)
 
 
 def __getattr__(name: str) -> Any:

@@ -27,7 +27,15 @@ import numpy as np
 from schemas.corpus import CorpusConfig
 from schemas.errors import CorpusError
 from workers.corpus import paths as P
-from workers.corpus.content import BatchResult, Item, Outcome, Rules, Task, count_chars, examine_batch
+from workers.corpus.content import (
+    BatchResult,
+    Item,
+    Outcome,
+    Rules,
+    Task,
+    count_chars,
+    examine_batch,
+)
 from workers.corpus.manifest import ManifestWriter, human_size, kept_line, skipped_line
 from workers.corpus.sources import Found, GitView, Skipped, walk
 from workers.progress import Reporter

@@ -59,7 +59,7 @@ def comment_marks(language: str | None) -> tuple[str, str]:
 def header_line(display: str, language: str | None) -> bytes:
     """A comment naming the file, so the model learns how files begin (docs/corpus.md)."""
     start, end = comment_marks(language)
-    return f"{start} {display}{end}\n".encode("utf-8")
+    return f"{start} {display}{end}\n".encode()
 
 
 @dataclass(frozen=True, slots=True)

@@ -39,8 +39,9 @@ class ManifestWriter:
 
     def __init__(self, scratch: Path) -> None:
         scratch.mkdir(parents=True, exist_ok=True)
-        self._kept = open(scratch / "kept.jsonl", "w+", encoding="utf-8")
-        self._skipped = open(scratch / "skipped.jsonl", "w+", encoding="utf-8")
+        # Open for the whole build; `close()` ends them (callers use try/finally).
+        self._kept = open(scratch / "kept.jsonl", "w+", encoding="utf-8")  # noqa: SIM115
+        self._skipped = open(scratch / "skipped.jsonl", "w+", encoding="utf-8")  # noqa: SIM115
 
     def add(self, kept_lines: str, skipped_lines: str) -> None:
         """Records from `kept_line`/`skipped_line`, in walk order."""
@@ -57,7 +58,7 @@ class ManifestWriter:
             fh.seek(0)
             first = True
             for line in fh:
-                out.write(((b"" if first else b",\n") + line.rstrip("\n").encode("utf-8")))
+                out.write((b"" if first else b",\n") + line.rstrip("\n").encode("utf-8"))
                 first = False
             out.write(b"\n ]")
         out.write(b"\n}\n")

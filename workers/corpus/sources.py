@@ -70,7 +70,7 @@ class GitView:
                 self._ready = True
             prefix += [f"--git-dir={self.plain_git_dir}", f"--work-tree={self.root}"]
         proc = subprocess.run([*prefix, *args], cwd=self.root, env=git_env(), input=data,
-                              capture_output=True, timeout=GIT_TIMEOUT)
+                              capture_output=True, timeout=GIT_TIMEOUT, check=False)
         if proc.returncode not in (0, 1):  # check-ignore exits 1 when nothing is ignored
             msg = proc.stderr.decode("utf-8", "replace").strip().splitlines()
             raise CorpusError(f"git {args[0]} failed in {self.root}: {(msg or ['?'])[-1]}")
