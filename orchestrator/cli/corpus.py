@@ -40,7 +40,7 @@ InvalidUtf8 = Annotated[str | None, typer.Option("--invalid-utf8", help="skip th
 KeepDup = Annotated[bool, typer.Option("--keep-duplicates", help="Keep files whose bytes were already seen.")]
 KeepVendored = Annotated[bool, typer.Option("--keep-vendored", help="Keep vendored, generated, lock and minified-by-name files.")]
 KeepCrlf = Annotated[bool, typer.Option("--keep-crlf", help="Keep CRLF line endings as they are.")]
-Jobs = Annotated[int | None, typer.Option("--jobs", "-j", min=1, help="Worker processes. [default: CPU count, at most 8]")]
+Jobs = Annotated[int | None, typer.Option("--jobs", "-j", min=1, help="Worker processes; 1 = in-process. [default: cores - 1, at most 8; 1 on two cores]")]
 GitBase = Annotated[str | None, typer.Option("--git-base-url", help="Where owner/name resolves. [env: CHARFORGE_GIT_BASE_URL]")]
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b)?\s*$", re.IGNORECASE)
