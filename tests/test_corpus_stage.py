@@ -168,3 +168,13 @@ def test_process_pool_gives_the_same_corpus_as_one_process(tmp_path):
     pool = _build_plain(folder, tmp_path, jobs=2, inline_files=0)
     assert pool == one
     assert b"# d5/f59.py\n" in one[0]
+
+
+def test_corpus_stage_on_s3_stores_and_reuses(git_server, s3_storage):
+    repo = git_server.publish(git_server.unique("acme/s3"), source_files())
+    fetch, built = _stages(s3_storage, git_server, [repo.name])
+    assert not fetch.cached and s3_storage.exists(built.text_key)
+    text = s3_storage.get_bytes(built.text_key)
+    assert len(text) == built.bytes and text.startswith(b"<!-- README.md -->\n")
+    again, reused = _stages(s3_storage, git_server, [repo.name])
+    assert again.cached and reused.cached and reused.hash == built.hash
