@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import time
-from datetime import datetime
 
 import pytest
 from sqlalchemy import update
@@ -23,6 +22,7 @@ from schemas.errors import TransientError
 from schemas.models import Run, utcnow
 from schemas.run import build_run_spec
 from schemas.status import TERMINAL, RunStatus, Stage
+from tests.gitserver import source_files
 from tests.test_cluster_support import (
     ACCEL,
     GitTarpit,
@@ -31,7 +31,6 @@ from tests.test_cluster_support import (
     assert_resumed_not_restarted,
     wait_until,
 )
-from tests.gitserver import source_files
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 
@@ -105,7 +104,7 @@ def harness(env):
         h.close()
 
 
-def _long_training(budget: str = "4s") -> tuple[str, ...]:
+def _long_training(budget: str = "3s") -> tuple[str, ...]:
     """Tiny training that runs for `budget` (the budget spans attempts), checkpointing often."""
     return ("train.max_iters=1000000", f"train.time_budget={budget}", "train.checkpoint_every=100",
             "train.eval_val_every=100")
@@ -171,7 +170,7 @@ def test_concurrent_builds_of_one_corpus_agree(env, git_server, ray_cluster, tmp
 # --- workers and nodes that die mid-training ------------------------------------------------
 
 
-def _training_underway(h: Harness, run_id: str, min_step: int = 200):
+def _training_underway(h: Harness, run_id: str, min_step: int = 100):
     """Wait until training has stored a checkpoint at `min_step` or later; returns (step, worker)."""
     def ready():
         view = h.store.get_run(run_id)
@@ -361,3 +360,62 @@ def test_runs_of_dead_dispatchers_are_recovered_never_running_forever(harness, e
     # (The ghosts on this cluster are found gone at once, confirmed 1 s later; the other only
     # when its heartbeat is older than the 4 s timeout. The reasons in the logs above say which.)
     print(f"dead dispatchers: seconds until recovered {took}")
+
+
+# --- the database and the object store going away ---------------------------------------------
+
+
+def _outage(h: Harness, ticks: int = 25) -> int:
+    """Keep ticking while a service is down (as serve does); returns how many ticks failed."""
+    failed = 0
+    for _ in range(ticks):
+        try:
+            h.dispatcher.tick()
+        except TransientError:
+            failed += 1
+        time.sleep(0.1)
+    return failed
+
+
+def test_postgresql_stopping_mid_run_loses_nothing(harness, env, git_server, throwaway_postgres):
+    pg = throwaway_postgres()
+    env.setenv("CHARFORGE_DATABASE_URL", pg.url)
+    h = harness()
+    name = git_server.unique("acme/pg-outage")
+    git_server.publish(name, source_files())
+    run = h.submit(name, *_long_training())
+    _training_underway(h, run.id, min_step=100)
+    pg.stop()
+    failed = _outage(h)  # ~3 s without the database; training goes on in Ray meanwhile
+    pg.start()
+    (final,) = h.finish(run.id)
+    assert failed > 0 and final.status is RunStatus.SUCCEEDED, final.error
+    assert [a.outcome for a in h.attempts(run.id, Stage.TRAIN)] == ["succeeded"]
+    # what the worker reported during the outage was kept and written afterwards
+    logged = [p.step for p in h.store.metrics(run.id) if p.train_loss is not None]
+    assert logged == list(range(5, logged[-1] + 1, 5))
+    print(f"postgres outage: {failed} ticks failed; run {final.status.value}, {len(logged)} train-loss points")
+
+
+def test_seaweedfs_restarting_during_checkpoint_uploads(harness, env, git_server, seaweedfs_factory):
+    server = seaweedfs_factory()
+    for key, value in server.env().items():  # the cluster's workers already hold these credentials
+        env.setenv(key, value)
+    env.setenv("CHARFORGE_MAX_ATTEMPTS", "5")
+    env.setenv("CHARFORGE_RETRY_BACKOFF", "1")
+    h = harness()
+    name = git_server.unique("acme/s3-outage")
+    git_server.publish(name, source_files())
+    # a checkpoint every 10 steps: an upload is under way at almost any moment
+    run = h.submit(name, "train.max_iters=1000000", "train.time_budget=3s", "train.checkpoint_every=10")
+    _training_underway(h, run.id, min_step=50)
+    server.stop()
+    _outage(h, ticks=20)
+    server.start()
+    (final,) = h.finish(run.id)
+    train = h.attempts(run.id, Stage.TRAIN)
+    print(f"seaweedfs restart: run {final.status.value}; train attempts {[(a.outcome, a.error) for a in train]}")
+    assert final.status is RunStatus.SUCCEEDED, final.error
+    assert final.sample_batches
+    if len(train) > 1:  # a retry, not a restart
+        assert any(line.message.startswith("resuming from checkpoint at step ") for line in h.store.logs(run.id))

@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import socket
 import threading
@@ -48,7 +49,13 @@ class RayCluster:
 
         saved = {k: os.environ.get(k) for k in S3_ENV}
         os.environ.update(S3_ENV)
-        cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+        # Health checks every 0.5 s: a killed node is declared dead in ~1.5 s instead of ~15 s,
+        # which is all the tests would otherwise wait for (the settings, not the behaviour, differ
+        # from a production cluster's).
+        health = {"health_check_period_ms": 500, "health_check_timeout_ms": 500,
+                  "health_check_failure_threshold": 3}
+        cluster = Cluster(initialize_head=True, head_node_args={
+            "num_cpus": 1, "include_dashboard": False, "_system_config": health})
         cpu = cluster.add_node(num_cpus=2)
         gpu = cluster.add_node(num_cpus=2, resources={ACCEL: 2})
         cluster.wait_for_nodes()
@@ -74,8 +81,9 @@ class RayCluster:
         return old.node_id
 
     def add_gpu_node(self) -> str:
+        # add_node waits until the new raylet has registered. Not `wait_for_nodes()`: it would
+        # also wait ~15 s for the health checks to declare the killed node dead.
         self.gpu = self.cluster.add_node(num_cpus=2, resources={ACCEL: 2})
-        self.cluster.wait_for_nodes()
         return self.gpu.node_id
 
     def free(self, resource: str) -> float:
@@ -196,3 +204,98 @@ def assert_resumed_not_restarted(store: Any, run_id: str, seen_step: int, killed
     assert logged == list(range(log_every, logged[-1] + 1, log_every))
     assert logged[-1] > step
     return step
+
+
+class Serve:
+    """A `charforge serve` process against the test cluster (its output goes to a file)."""
+
+    def __init__(self, env: dict[str, str], log_path: Any, *args: str) -> None:
+        import subprocess
+        import sys
+
+        self.log_path = log_path
+        charforge = os.path.join(os.path.dirname(sys.executable), "charforge")
+        with open(log_path, "ab") as out:
+            self.proc = subprocess.Popen([charforge, "serve", "--poll", "0.2", *args], env=env,
+                                         stdout=out, stderr=subprocess.STDOUT)
+
+    @property
+    def output(self) -> str:
+        with open(self.log_path, errors="replace") as f:
+            return f.read()
+
+    def dispatcher_id(self) -> str:
+        """The id it announces once it is connected and ready (waits for that line)."""
+        def announced() -> str | None:
+            assert self.proc.poll() is None, f"serve exited early:\n{self.output[-3000:]}"
+            for line in self.output.splitlines():
+                if line.startswith("charforge serve: dispatcher "):
+                    return line.split()[3]
+            return None
+        return wait_until(announced, "charforge serve to start", 90)
+
+    def kill(self, sig: int) -> int:
+        self.proc.send_signal(sig)
+        return self.proc.wait(timeout=60)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=60)
+            except Exception:  # noqa: BLE001 - a stuck serve must not hang the suite
+                self.proc.kill()
+
+
+class StageWatcher:
+    """Samples the process table: which (run, stage) each Ray worker is executing.
+
+    A worker's process title is `ray::charforge-<stage>-<run id>` while it runs a stage task.
+    Two live processes with the same title at one moment would be one stage running twice.
+    """
+
+    def __init__(self, interval: float = 0.05) -> None:
+        self.seen: set[tuple[str, str]] = set()
+        self.doubles: list[dict[tuple[str, str], list[int]]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, args=(interval,), daemon=True)
+        self._thread.start()
+
+    def _sample(self) -> dict[tuple[str, str], list[int]]:
+        running: dict[tuple[str, str], list[int]] = {}
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            try:
+                with open(f"/proc/{entry}/cmdline", "rb") as f:
+                    title = f.read().split(b"\0", 1)[0].decode(errors="replace")
+            except OSError:
+                continue
+            if title.startswith("ray::charforge-"):
+                _stage_word, _, rest = title.removeprefix("ray::charforge-").partition("-")
+                running.setdefault((rest, _stage_word), []).append(int(entry))
+        return running
+
+    def _loop(self, interval: float) -> None:
+        while not self._stop.is_set():
+            running = self._sample()
+            self.seen.update(running)
+            doubles = {key: pids for key, pids in running.items() if len(pids) > 1 and all(map(alive, pids))}
+            if doubles:
+                self.doubles.append(doubles)
+            time.sleep(interval)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+
+def assert_attempts_never_overlap(view: Any) -> None:
+    """Each stage's attempts of a run, in the store, one after the other."""
+    by_stage: dict[Any, list[Any]] = {}
+    for attempt in view.attempts:
+        by_stage.setdefault(attempt.stage, []).append(attempt)
+    for attempts in by_stage.values():
+        attempts.sort(key=lambda a: a.started_at)
+        for before, after in itertools.pairwise(attempts):
+            assert before.finished_at is not None and before.finished_at <= after.started_at, view.attempts

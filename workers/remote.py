@@ -98,9 +98,12 @@ def _call_stage(stage: Stage, ctx: StageContext, inputs: dict[str, Any], reporte
 
 @ray.remote(max_retries=0)
 def run_stage(stage: Stage, ctx: StageContext, inputs: dict[str, Any], relay: Any) -> Any:
-    import torch
+    if stage in (Stage.TRAIN, Stage.SAMPLE):
+        # Only these need torch: importing it costs a fresh worker a second or two of CPU,
+        # which fetch and corpus workers (often on other nodes) should not pay.
+        import torch
 
-    torch.set_num_threads(max(1, ctx.num_threads))
+        torch.set_num_threads(max(1, ctx.num_threads))
 
     def sink(batch: list[Event]) -> None:
         relay.push.remote(ctx.run_id, batch)
