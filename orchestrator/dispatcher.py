@@ -123,18 +123,28 @@ class Dispatcher:
         return relay
 
     def stop(self, *, requeue: bool = True) -> None:
-        """Stop driving runs: kill their tasks and queue them again for another dispatcher."""
+        """Stop driving runs: kill their tasks and queue them again for another dispatcher.
+
+        The relay goes too: from then on other dispatchers see this one as gone, so a run that
+        could not be queued again here (the database was away) is recovered by them.
+        """
         for flight in list(self.flights.values()):
             self._kill(flight)
             if requeue:
                 try:
-                    self.store.close_open_attempts(flight.run_id, "interrupted", "dispatcher stopped")
+                    self.store.close_open_attempts(flight.run_id, "interrupted", "dispatcher stopped",
+                                                   dispatcher_id=self.dispatcher_id)
                     self.store.transition(flight.run_id, RunStatus.QUEUED, expected=RunStatus.RUNNING,
                                           owner=self.dispatcher_id)
                     self.store.append_log(flight.run_id, f"dispatcher {self.dispatcher_id} stopped: queued again")
                 except (IllegalTransition, DatabaseUnavailable):
                     pass  # cancelled meanwhile, or recovered later as lost
         self.flights.clear()
+        if self._relay is not None:
+            import ray
+
+            ray.kill(self._relay)
+            self._relay = None
 
     @property
     def idle(self) -> bool:
@@ -343,7 +353,8 @@ class Dispatcher:
                 continue
             self._kill(flight)
             outcome = "cancelled" if status is RunStatus.CANCELLED else "lost"
-            self.store.close_open_attempts(run_id, outcome)
+            # ours only: a dispatcher that took the run over may have started attempts of its own
+            self.store.close_open_attempts(run_id, outcome, dispatcher_id=self.dispatcher_id)
             self.flights.pop(run_id, None)
 
     def _kill(self, flight: Flight) -> None:

@@ -224,12 +224,12 @@ class RunStore(ClusterQueries):
             source = expected or current
             if expected and current is not expected:
                 raise IllegalTransition(f"run {run.id} is {current.value}: cannot move it to {new.value}")
-            if not _move(session, run, source, new, error=error, owner=owner, **fields):
-                session.rollback()
-                actual = self._status(run.id)
-                raise IllegalTransition(f"run {run.id} is {actual.value}: cannot move it to {new.value}")
-            session.expire(run)
-            return run_view(self._get_run(session, run.id, full=True))
+            if _move(session, run, source, new, error=error, owner=owner, **fields):
+                session.expire(run)
+                return run_view(self._get_run(session, run.id, full=True))
+            rid = run.id  # the UPDATE matched nothing: there is nothing to roll back
+        actual = self._status(rid)
+        raise IllegalTransition(f"run {rid} is {actual.value}: cannot move it to {new.value}")
 
     def _status(self, run_id: str) -> RunStatus:
         with self._session() as session:
@@ -329,13 +329,15 @@ class RunStore(ClusterQueries):
                 .values(outcome=outcome, error=error, finished_at=utcnow())
             )
 
-    def close_open_attempts(self, run_id: str, outcome: str, error: str | None = None) -> None:
+    def close_open_attempts(self, run_id: str, outcome: str, error: str | None = None, *,
+                            dispatcher_id: str | None = None) -> None:
+        """Finish the run's unfinished attempts (only `dispatcher_id`'s, when given)."""
+        where = [StageAttempt.run_id == run_id, StageAttempt.finished_at.is_(None)]
+        if dispatcher_id is not None:
+            where.append(StageAttempt.dispatcher_id == dispatcher_id)
         with self._session() as session:
-            session.execute(
-                update(StageAttempt)
-                .where(StageAttempt.run_id == run_id, StageAttempt.finished_at.is_(None))
-                .values(outcome=outcome, error=error, finished_at=utcnow())
-            )
+            session.execute(update(StageAttempt).where(*where).values(outcome=outcome, error=error,
+                                                                        finished_at=utcnow()))
 
     def append_log(self, run_id: str, message: str, stage: str | None = None) -> None:
         with self._session() as session:
