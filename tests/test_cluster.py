@@ -9,12 +9,15 @@ can act at a precise point; tests/test_cluster_serve.py runs `charforge serve` p
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import time
 
 import pytest
 from sqlalchemy import update
 
+from orchestrator import pipeline
 from orchestrator.dispatcher import Dispatcher
 from orchestrator.settings import Settings, load_settings
 from orchestrator.store import RunStore
@@ -137,34 +140,37 @@ def test_six_runs_on_three_corpora_train_only_on_the_accelerator_node(harness, g
     assert len({v.corpus["key"] for v in views}) == 3
 
 
-def test_concurrent_builds_of_one_corpus_agree(env, git_server, ray_cluster, tmp_path):
+def test_concurrent_builds_of_one_corpus_agree(env, git_server, ray_cluster):
     """Two dispatchers may build one corpus at once: both builds succeed and write the same bytes."""
     import ray
 
-    from orchestrator import pipeline
     from workers.remote import ProgressRelay, StageContext, run_stage
 
     name = git_server.unique("acme/twice")
     git_server.publish(name, source_files())
+    # The git server answers the fetch, then holds both clones until both builds are under way.
+    tarpit = GitTarpit(git_server.port, allow=1)
     cfg = load_settings()
     spec = build_run_spec([name], preset="tiny")
     ctx = StageContext(run_id="c0ffee000001", storage_url=cfg.storage_url, s3_endpoint_url=None,
-                       git_base_url=cfg.git_base_url, num_threads=1, use_accelerator=False)
+                       git_base_url=tarpit.base_url, num_threads=1, use_accelerator=False)
     relay = ProgressRelay.remote()
     fetch = ray.get(run_stage.remote(Stage.FETCH, ctx, pipeline.stage_inputs(Stage.FETCH, "x", spec, {}), relay))
     assert not fetch.cached
     inputs = pipeline.stage_inputs(Stage.CORPUS, "x", spec, {Stage.FETCH: fetch})
-    both = ray.get([run_stage.remote(Stage.CORPUS, ctx, inputs, relay) for _ in range(2)])
+    refs = [run_stage.remote(Stage.CORPUS, ctx, inputs, relay) for _ in range(2)]
+    wait_until(lambda: tarpit.connections == 3, "both builds to start cloning")
+    tarpit.release()
+    both = ray.get(refs)
+    assert [r.cached for r in both] == [False, False]  # both built it: neither found it stored
     assert both[0].text_key == both[1].text_key and both[0].bytes == both[1].bytes
     storage = cfg.storage()
     text = storage.get_bytes(both[0].text_key)
-    import hashlib
-    import json
-
     manifest = json.loads(storage.get_bytes(both[0].manifest_key))
     assert manifest["text"]["sha256"] == hashlib.sha256(text).hexdigest()
     assert len(text) == both[0].bytes
     ray.kill(relay)
+    tarpit.close()
 
 
 # --- workers and nodes that die mid-training ------------------------------------------------
@@ -284,18 +290,21 @@ def test_cancel_in_the_hand_off_between_stages(harness, git_server):
     assert [(a.stage, a.outcome) for a in final.attempts] == [(Stage.FETCH, "succeeded")]
 
 
-def test_cancel_while_claimed_and_while_a_retry_waits(harness, env, git_server):
+def test_cancel_while_queued_claimed_and_while_a_retry_waits(harness, env, git_server):
     env.setenv("CHARFORGE_RETRY_BACKOFF", "30")
     h = harness()
     d = h.dispatcher
     name = git_server.unique("acme/retry-cancel")
     git_server.publish(name, source_files())
+    queued = h.submit(name)
+    h.store.cancel(queued.id)
     claimed = h.submit(name)
     d._claim()  # claimed, its first stage not launched yet
     assert h.store.get_run(claimed.id).status is RunStatus.RUNNING
     h.store.cancel(claimed.id)
     h.tick()
     assert claimed.id not in d.flights and h.store.get_run(claimed.id).attempts == []
+    assert queued.id not in d.flights and h.store.get_run(queued.id).started_at is None  # never claimed
 
     run = h.submit(name, "train.max_iters=1000000")
     _step, (_node, pid) = _training_underway(h, run.id, min_step=100)

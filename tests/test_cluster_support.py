@@ -104,7 +104,8 @@ class RayCluster:
 
 
 class GitTarpit:
-    """Forwards the first `allow` connections to the git daemon; holds later ones unanswered."""
+    """Forwards the first `allow` connections to the git daemon; holds later ones unanswered
+    until `release()`."""
 
     def __init__(self, upstream_port: int, allow: int) -> None:
         self.upstream_port, self.allow = upstream_port, allow
@@ -112,6 +113,7 @@ class GitTarpit:
         self._server = socket.create_server(("127.0.0.1", 0))
         self.port = self._server.getsockname()[1]
         self._held: list[socket.socket] = []
+        self._lock = threading.Lock()
         self._closed = False
         threading.Thread(target=self._accept, daemon=True).start()
 
@@ -125,13 +127,24 @@ class GitTarpit:
                 conn, _ = self._server.accept()
             except OSError:
                 return
-            self.connections += 1
-            if self.connections > self.allow:
-                self._held.append(conn)  # never answered: the client waits (until its timeout)
-                continue
-            upstream = socket.create_connection(("127.0.0.1", self.upstream_port))
-            for a, b in ((conn, upstream), (upstream, conn)):
-                threading.Thread(target=_pump, args=(a, b), daemon=True).start()
+            with self._lock:
+                self.connections += 1
+                if self.connections > self.allow:
+                    self._held.append(conn)  # never answered: the client waits (until its timeout)
+                    continue
+            self._forward(conn)
+
+    def _forward(self, conn: socket.socket) -> None:
+        upstream = socket.create_connection(("127.0.0.1", self.upstream_port))
+        for a, b in ((conn, upstream), (upstream, conn)):
+            threading.Thread(target=_pump, args=(a, b), daemon=True).start()
+
+    def release(self) -> None:
+        """Answer the held connections, and every later one."""
+        with self._lock:
+            self.allow, held, self._held = float("inf"), self._held, []
+        for conn in held:
+            self._forward(conn)
 
     def close(self) -> None:
         self._closed = True
