@@ -46,6 +46,7 @@ CONFIRM_GONE_S = 1.0
 # How long a run whose corpus another run is building waits before looking again.
 CORPUS_WAIT_S = 1.0
 NODES_REFRESH_S = 10.0
+_FENCED_KINDS = frozenset({EventKind.PROGRESS, EventKind.METRIC, EventKind.NODE})
 
 
 def new_dispatcher_id() -> str:
@@ -83,6 +84,7 @@ class Dispatcher:
         self._last_heartbeat = 0.0
         self._next_reconcile = 0.0
         self._suspects: dict[str, float] = {}  # dispatcher id -> when it was first found gone
+        self._fenced: set[str] = set()  # runs whose tasks this dispatcher killed (see _noted)
         self._relay: Any = None
         self._accelerator: str | None = None
         self._cpu_nodes: list[str] = []
@@ -179,10 +181,18 @@ class Dispatcher:
             del self._pending_events[run_id]
 
     def _noted(self, run_id: str, events: list[Event]) -> list[Event]:
-        """Remember which worker runs each attempt, and say so in the run's log."""
+        """Remember which worker runs each attempt, and say so in the run's log.
+
+        A killed task's last batches can reach the relay after the kill. For a run this
+        dispatcher stopped driving (cancelled, or taken over by another dispatcher) only logs and
+        artifacts (objects really written) are kept: late progress, metrics or node reports would
+        move a cancelled run's step on, or rewrite the history of the new owner's attempt.
+        """
         flight = self.flights.get(run_id)
         out: list[Event] = []
         for event in events:
+            if run_id in self._fenced and event.kind in _FENCED_KINDS:
+                continue
             out.append(event)
             if event.kind is EventKind.NODE and flight is not None:
                 node, pid = str(event.data.get("node_id")), int(event.data.get("pid") or 0)
@@ -337,6 +347,7 @@ class Dispatcher:
         if room <= 0:
             return
         for view in self.store.claim(self.dispatcher_id, room, only=self.only_runs):
+            self._fenced.discard(view.id)
             spec = RunSpec.model_validate(view.spec)
             results = pipeline.load_results(self.store.results(view.id))
             self.flights[view.id] = Flight(view.id, spec, results, retry_at=time.monotonic())
@@ -352,6 +363,7 @@ class Dispatcher:
             if status is RunStatus.RUNNING and owner == self.dispatcher_id:
                 continue
             self._kill(flight)
+            self._fenced.add(run_id)
             outcome = "cancelled" if status is RunStatus.CANCELLED else "lost"
             # ours only: a dispatcher that took the run over may have started attempts of its own
             self.store.close_open_attempts(run_id, outcome, dispatcher_id=self.dispatcher_id)
