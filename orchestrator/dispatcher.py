@@ -10,10 +10,10 @@ One loop, one thread. Each `tick()`:
     the run with its message;
  4. kills the Ray task of any run that was cancelled, or that another dispatcher took over;
  5. claims queued runs while below `max_concurrent`, and launches the stages that are due;
- 6. reconciles with Ray and the clock: a running run whose dispatcher is gone from this Ray
-    cluster (its named relay actor no longer exists), or whose heartbeat is older than the
-    timeout, is recovered: queued again to resume from its last checkpoint, or failed as
-    "lost: ..." after `max_recoveries`.
+ 6. reconciles with Ray and the clock (orchestrator/liveness.py): a running run whose dispatcher
+    is gone from this Ray cluster, or whose heartbeat is older than the timeout, is recovered:
+    queued again to resume from its last checkpoint, or failed as "lost: ..." after
+    `max_recoveries`.
 Stage tasks fate-share with this process (Ray kills a driver's tasks when it exits), so a run
 never runs twice: a dead dispatcher's runs stop with it and are recovered once it is known dead.
 See docs/cluster.md.
@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from orchestrator import pipeline, ray_runtime
+from orchestrator.liveness import Reconciler, heartbeat_interval
 from orchestrator.settings import Settings
 from orchestrator.store import RunStore
 from schemas.errors import DatabaseUnavailable, IllegalTransition, StorageError
@@ -39,13 +40,8 @@ from workers import keys
 
 log = logging.getLogger("charforge.dispatcher")
 
-# Ray drops a dead driver's named actors a few milliseconds before it has killed the driver's
-# task workers; a dispatcher found gone is recovered only when it is still gone this much later,
-# so the new attempt never overlaps the old one.
-CONFIRM_GONE_S = 1.0
 # How long a run whose corpus another run is building waits before looking again.
 CORPUS_WAIT_S = 1.0
-NODES_REFRESH_S = 10.0
 _FENCED_KINDS = frozenset({EventKind.PROGRESS, EventKind.METRIC, EventKind.NODE})
 
 
@@ -83,24 +79,22 @@ class Dispatcher:
         self._pending_events: dict[str, list[Event]] = {}
         self._last_heartbeat = 0.0
         self._next_reconcile = 0.0
-        self._suspects: dict[str, float] = {}  # dispatcher id -> when it was first found gone
         self._fenced: set[str] = set()  # runs whose tasks this dispatcher killed (see _noted)
         self._relay: Any = None
         self._accelerator: str | None = None
-        self._cpu_nodes: list[str] = []
-        self._nodes_at = float("-inf")
-        self._turn = 0
+        self._cpu_nodes = ray_runtime.NodePicker()
+        self._reconciler: Reconciler | None = None
         self._num_cpus = 1
-        self._tag = ""
         self.owns_ray = False  # whether start() started Ray (embedded callers shut it down)
 
     # ---- lifecycle --------------------------------------------------------------------------
 
     def start(self) -> None:
         self.owns_ray = ray_runtime.connect(self.settings.ray_address)  # before anything imports ray
-        self._tag = f"-r{ray_runtime.cluster_tag()}"
-        if not self.dispatcher_id.endswith(self._tag):
-            self.dispatcher_id += self._tag
+        tag = f"-r{ray_runtime.cluster_tag()}"
+        if not self.dispatcher_id.endswith(tag):
+            self.dispatcher_id += tag
+        self._reconciler = Reconciler(self.store, self.settings, self.dispatcher_id, tag)
         self._accelerator = ray_runtime.accelerator_resource(self.settings.accelerator)
         if self.settings.train_cpus > 0:
             self._num_cpus = self.settings.train_cpus
@@ -301,7 +295,8 @@ class Dispatcher:
             use_accelerator=self._accelerator is not None,
         )
         options = stage_options(stage, num_cpus=ctx.num_threads, accelerator=self._accelerator,
-                                run_id=flight.run_id, prefer_node=None if heavy else self._cpu_node())
+                                run_id=flight.run_id, prefer_node=None if heavy or not self._accelerator
+                                else self._cpu_nodes.pick(without=self._accelerator))
         inputs = pipeline.stage_inputs(stage, flight.run_id, flight.spec, flight.results)
         flight.ref = run_stage.options(**options).remote(stage, ctx, inputs, self._relay)
 
@@ -329,18 +324,6 @@ class Dispatcher:
             self.store.append_log(flight.run_id, f"waiting for run {builder}, which is building the same corpus")
             flight.waiting_for = builder
         return True
-
-    def _cpu_node(self) -> str | None:
-        """A node without the accelerator for fetch and corpus, in turn; None if all nodes are alike."""
-        if self._accelerator is None:
-            return None
-        now = time.monotonic()
-        if now - self._nodes_at >= NODES_REFRESH_S:
-            self._cpu_nodes, self._nodes_at = ray_runtime.nodes_without(self._accelerator), now
-        if not self._cpu_nodes:
-            return None
-        self._turn += 1
-        return self._cpu_nodes[self._turn % len(self._cpu_nodes)]
 
     def _claim(self) -> None:
         room = self.settings.max_concurrent - len(self.flights)
@@ -380,56 +363,19 @@ class Dispatcher:
 
     # ---- liveness ---------------------------------------------------------------------------
 
-    @property
-    def _interval(self) -> float:
-        return min(5.0, self.settings.heartbeat_timeout / 4)
-
     def _heartbeat(self) -> None:
         now = time.monotonic()
-        if now - self._last_heartbeat >= self._interval:
+        if now - self._last_heartbeat >= heartbeat_interval(self.settings):
             self.store.heartbeat(self.dispatcher_id, list(self.flights))
             self._last_heartbeat = now
 
     def _reconcile(self) -> None:
-        """Recover running runs that nobody drives any more (see the module docstring)."""
         now = time.monotonic()
         if now < self._next_reconcile:
             return
         if self._accelerator is None:  # accelerator nodes may join after the start
             self._accelerator = ray_runtime.accelerator_resource(self.settings.accelerator)
-        owners = self.store.running_owners()
-        lost: dict[str, str] = {}
-        for run_id in self.store.stale_runs(self.settings.heartbeat_timeout):
-            lost[run_id] = f"no heartbeat for {self.settings.heartbeat_timeout:g}s"
-        gone = self._gone_dispatchers({o for o in owners.values() if o})
-        for run_id, owner in owners.items():
-            if owner in gone:
-                lost.setdefault(run_id, f"its dispatcher {owner} is gone")
-        for run_id, reason in lost.items():
-            if run_id in self.flights or run_id not in owners:
-                continue
-            try:
-                view = self.store.recover(run_id, reason, max_recoveries=self.settings.max_recoveries,
-                                          owner=owners[run_id])
-            except IllegalTransition:
-                continue  # its dispatcher came back, or another one recovered it first
-            log.warning("recovered run %s (%s) -> %s", run_id, reason, view.status.value)
-        self._next_reconcile = now + (CONFIRM_GONE_S if self._suspects else self._interval)
-
-    def _gone_dispatchers(self, owners: set[str]) -> set[str]:
-        """Dispatchers on this Ray cluster whose relay has been gone for `CONFIRM_GONE_S`."""
-        from workers.remote import relay_name
-
-        now, gone = time.monotonic(), set()
-        self._suspects = {d: t for d, t in self._suspects.items() if d in owners}
-        for owner in owners:
-            if owner == self.dispatcher_id or not owner.endswith(self._tag):
-                continue
-            if ray_runtime.actor_exists(relay_name(owner)):
-                self._suspects.pop(owner, None)
-            elif now - self._suspects.setdefault(owner, now) >= CONFIRM_GONE_S:
-                gone.add(owner)
-        return gone
+        self._next_reconcile = now + self._reconciler.run(set(self.flights))
 
     def _prune_checkpoints(self, run_id: str) -> None:
         """Forget checkpoint records whose objects training rotated away (best effort)."""

@@ -13,6 +13,7 @@ import hashlib
 import logging
 import os
 import secrets
+import time
 from pathlib import Path
 
 from schemas.errors import TransientError
@@ -115,6 +116,22 @@ def nodes_without(resource: str) -> list[str]:
         n["NodeID"] for n in ray.nodes()
         if n.get("Alive") and n["Resources"].get("CPU", 0) > 0 and not n["Resources"].get(resource)
     ]
+
+
+class NodePicker:
+    """Live nodes without a resource, taken in turn (the list is refreshed every `refresh` s)."""
+
+    def __init__(self, refresh: float = 10.0) -> None:
+        self._refresh, self._nodes, self._at, self._turn = refresh, [], float("-inf"), 0
+
+    def pick(self, without: str) -> str | None:
+        now = time.monotonic()
+        if now - self._at >= self._refresh:
+            self._nodes, self._at = nodes_without(without), now
+        if not self._nodes:
+            return None
+        self._turn += 1
+        return self._nodes[self._turn % len(self._nodes)]
 
 
 def cluster_cpus() -> int:
