@@ -80,6 +80,7 @@ class Dispatcher:
         self._last_heartbeat = 0.0
         self._next_reconcile = 0.0
         self._fenced: set[str] = set()  # runs whose tasks this dispatcher killed (see _noted)
+        self._killed: list[Any] = []  # refs of killed tasks, read once they end (see _reap)
         self._relay: Any = None
         self._accelerator: str | None = None
         self._cpu_nodes = ray_runtime.NodePicker()
@@ -156,6 +157,7 @@ class Dispatcher:
         self._claim()
         self._launch_due()
         self._reconcile()
+        self._reap()
 
     def _relay_events(self) -> None:
         import ray
@@ -359,7 +361,27 @@ class Dispatcher:
             # force: the worker process is killed at once (a training loop never checks for a
             # polite cancel), which frees its CPU and accelerator.
             ray.cancel(flight.ref, force=True, recursive=True)
+            self._killed.append(flight.ref)
             flight.ref = None
+
+    def _reap(self) -> None:
+        """Read the outcome of killed tasks, and drop it.
+
+        Ray kills a worker's child processes (git, say) a moment before the worker itself, so a
+        killed stage sometimes ends with its own error ("git failed") instead of a cancellation.
+        Unread, Ray would print that error with its traceback when the ref is dropped, as if
+        something had gone wrong.
+        """
+        import ray
+
+        if not self._killed:
+            return
+        done, self._killed = ray.wait(self._killed, num_returns=len(self._killed), timeout=0)
+        for ref in done:
+            try:
+                ray.get(ref)
+            except Exception:  # noqa: BLE001, S110 - the run was cancelled or taken over: nothing to say
+                pass
 
     # ---- liveness ---------------------------------------------------------------------------
 

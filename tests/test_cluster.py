@@ -32,6 +32,7 @@ from tests.test_cluster_support import (
     RayCluster,
     alive,
     assert_resumed_not_restarted,
+    stage_processes,
     wait_until,
 )
 
@@ -257,18 +258,21 @@ def test_cancel_during_each_stage_kills_its_task(stage, harness, env, git_server
     assert alive(pid) and ray_cluster.free(resource) < total
     h.store.cancel(run.id)  # what `charforge jobs cancel` does: the store only
     h.tick()
+    dialled = tarpit.connections if tarpit else 0
     assert run.id not in h.dispatcher.flights
     wait_until(lambda: not alive(pid), "the stage's worker process to exit", 15)
     wait_until(lambda: ray_cluster.free(resource) == total, f"the {resource} to be free again", 15)
     final = h.store.get_run(run.id)
     assert final.status is RunStatus.CANCELLED
     assert (final.attempts[-1].stage, final.attempts[-1].outcome) == (stage, "cancelled")
-    for _ in range(5):  # nothing starts again, nothing moves on
+    for _ in range(5):  # nothing starts again, nothing moves on, no worker runs it
         h.tick()
+        assert not [key for key in stage_processes() if key[0] == run.id]
         time.sleep(0.2)
     after = h.store.get_run(run.id)
     assert (after.attempts, after.step) == (final.attempts, final.step)
     if tarpit:
+        assert tarpit.connections == dialled  # no worker went on to reach the git server
         tarpit.close()
 
 

@@ -274,24 +274,9 @@ class StageWatcher:
         self._thread = threading.Thread(target=self._loop, args=(interval,), daemon=True)
         self._thread.start()
 
-    def _sample(self) -> dict[tuple[str, str], list[int]]:
-        running: dict[tuple[str, str], list[int]] = {}
-        for entry in os.listdir("/proc"):
-            if not entry.isdigit():
-                continue
-            try:
-                with open(f"/proc/{entry}/cmdline", "rb") as f:
-                    title = f.read().split(b"\0", 1)[0].decode(errors="replace")
-            except OSError:
-                continue
-            if title.startswith("ray::charforge-"):
-                _stage_word, _, rest = title.removeprefix("ray::charforge-").partition("-")
-                running.setdefault((rest, _stage_word), []).append(int(entry))
-        return running
-
     def _loop(self, interval: float) -> None:
         while not self._stop.is_set():
-            running = self._sample()
+            running = stage_processes()
             self.seen.update(running)
             doubles = {key: pids for key, pids in running.items() if len(pids) > 1 and all(map(alive, pids))}
             if doubles:
@@ -301,6 +286,23 @@ class StageWatcher:
     def stop(self) -> None:
         self._stop.set()
         self._thread.join(timeout=5)
+
+
+def stage_processes() -> dict[tuple[str, str], list[int]]:
+    """(run id, stage) -> pids of the live Ray workers executing that stage now (by process title)."""
+    running: dict[tuple[str, str], list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                title = f.read().split(b"\0", 1)[0].decode(errors="replace")
+        except OSError:
+            continue
+        if title.startswith("ray::charforge-") and alive(int(entry)):
+            stage, _, run_id = title.removeprefix("ray::charforge-").partition("-")
+            running.setdefault((run_id, stage), []).append(int(entry))
+    return running
 
 
 def assert_attempts_never_overlap(view: Any) -> None:
