@@ -131,8 +131,10 @@ def classify(exc: BaseException, stage: Stage) -> Failure:
 
 
 def backoff(base: float, failures: int) -> float:
-    """Seconds before the retry that follows failure number `failures` (1, 2, ...): doubling
-    from `base`, at most a minute."""
+    """Seconds before the retry that follows failure number `failures` (1, 2, ...).
+
+    Doubling from `base`, at most a minute.
+    """
     return min(base * 2 ** (failures - 1), 60.0)
 
 

@@ -119,8 +119,11 @@ def run_stage(stage: Stage, ctx: StageContext, inputs: dict[str, Any], relay: An
 def stage_options(
     stage: Stage, *, num_cpus: float, accelerator: str | None, run_id: str = "", prefer_node: str | None = None,
 ) -> dict[str, Any]:
-    """Ray options for one stage: training and sampling take the accelerator when there is one;
-    fetch and corpus prefer `prefer_node` (a node without it), falling back to any node."""
+    """Ray options for one stage.
+
+    Training and sampling take one unit of the accelerator when there is one; fetch and corpus
+    prefer `prefer_node` (a node without it), falling back to any node.
+    """
     options: dict[str, Any] = {"num_cpus": num_cpus, "name": f"charforge-{stage.value}-{run_id}".rstrip("-")}
     if accelerator and stage in (Stage.TRAIN, Stage.SAMPLE):
         if accelerator == "GPU":
