@@ -8,7 +8,8 @@ One loop, one thread. Each `tick()`:
  3. collects finished stages (`ray.wait`, no `ray.get` in a loop over pending work): a result
     starts the next stage, an infrastructure failure is retried with backoff, a user error fails
     the run with its message;
- 4. kills the Ray task of any run that was cancelled, or that another dispatcher took over;
+ 4. kills the Ray task of any run that was cancelled, or that another dispatcher took over (and
+    later reads what the killed task returned, so Ray does not print it as an unhandled error);
  5. claims queued runs while below `max_concurrent`, and launches the stages that are due;
  6. reconciles with Ray and the clock (orchestrator/liveness.py): a running run whose dispatcher
     is gone from this Ray cluster, or whose heartbeat is older than the timeout, is recovered:
@@ -198,7 +199,8 @@ class Dispatcher:
         return out
 
     def _collect(self) -> None:
-        """Note each finished stage's outcome; `_settle` writes it down (and retries if it can't)."""
+        """Note each finished stage's outcome; the handlers below write it down (again next tick
+        if the database is away)."""
         import ray
 
         running = {f.ref: f for f in self.flights.values() if f.ref is not None}

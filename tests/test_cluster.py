@@ -231,6 +231,25 @@ def test_losing_the_accelerator_node_mid_training_resumes_on_a_new_one(harness, 
           f"train attempts {[(a.outcome, a.error) for a in train]}")
 
 
+def test_a_dead_progress_relay_gives_the_runs_back_and_they_resume(harness, git_server):
+    """The dispatcher's relay actor dies: its runs are queued again (resuming), a new relay serves."""
+    import ray
+
+    h = harness()
+    name = git_server.unique("acme/relay")
+    git_server.publish(name, source_files())
+    run = h.submit(name, *_long_training())
+    seen_step, _worker = _training_underway(h, run.id)
+    ray.kill(h.dispatcher._relay)
+    (final,) = h.finish(run.id)
+    assert final.status is RunStatus.SUCCEEDED, final.error
+    assert [a.outcome for a in h.attempts(run.id, Stage.TRAIN)] == ["interrupted", "succeeded"]
+    logs = [line.message for line in h.store.logs(run.id)]
+    assert any(m.endswith("stopped: queued again") for m in logs)
+    resumed = [m for m in logs if m.startswith("resuming from checkpoint")]
+    assert resumed and int(resumed[-1].rsplit(" ", 1)[1]) >= seen_step
+
+
 # --- cancel everywhere ----------------------------------------------------------------------
 
 
