@@ -20,6 +20,7 @@ def run_summary(run: Run) -> RunSummary:
         step=run.step,
         total_steps=run.total_steps,
         best_val_loss=run.best_val_loss,
+        heartbeat_at=run.heartbeat_at,
     )
 
 
@@ -42,7 +43,6 @@ def run_view(run: Run) -> RunView:
         **summary,
         spec=run.spec,
         queued_at=run.queued_at,
-        heartbeat_at=run.heartbeat_at,
         attempts=[attempt_view(a) for a in run.attempts],
         repos=list(run.repos or []),
         corpus=run.corpus,

@@ -61,12 +61,18 @@ class RunSummary(BaseModel):
     step: int | None = None
     total_steps: int | None = None
     best_val_loss: float | None = None
+    heartbeat_at: datetime | None = None
+
+    def silent_for(self, now: datetime) -> float | None:
+        """Seconds since a running run's last heartbeat (None when it is not running)."""
+        if self.status is not RunStatus.RUNNING or self.heartbeat_at is None:
+            return None
+        return max(0.0, (now - self.heartbeat_at).total_seconds())
 
 
 class RunView(RunSummary):
     spec: dict[str, Any]  # the resolved RunSpec, as stored
     queued_at: datetime | None = None
-    heartbeat_at: datetime | None = None
     attempts: list[StageAttemptView] = []
     repos: list[dict[str, Any]] = []  # [{spec, url, commit}]
     corpus: dict[str, Any] | None = None  # {key, bytes, files, vocab_size, ...}

@@ -186,3 +186,22 @@ def test_cancel_stops_the_running_training_task(env, git_server):
     assert final.status is RunStatus.CANCELLED and final.step == step  # nothing trains on
     assert final.attempts[-1].outcome == "cancelled"
     assert invoke("jobs", "cancel", run.id).exit_code == 0  # idempotent
+
+
+def test_a_silent_running_run_never_reads_as_plain_running(env):
+    from datetime import timedelta
+
+    from sqlalchemy import update
+
+    from schemas.models import Run, utcnow
+
+    store = RunStore(load_settings().database_url, migrate=True)
+    run = store.create_run(build_run_spec(["acme/ghost"], preset="tiny"))
+    store.claim("ghost-dispatcher", 1)
+    with store.engine.begin() as conn:
+        conn.execute(update(Run).where(Run.id == run.id).values(heartbeat_at=utcnow() - timedelta(seconds=300)))
+    shown = json.loads(invoke("jobs", "status", run.id, "--json").stdout)
+    assert shown["status"] == "running" and shown["stale"] is True and shown["heartbeat_age_s"] >= 300
+    text = invoke("jobs", "status", run.id).stdout
+    assert "running, no heartbeat for 30" in text and "charforge serve" in text
+    assert "no heartbeat" in invoke("jobs", "list").stdout

@@ -77,8 +77,10 @@ def _call_stage(stage: Stage, ctx: StageContext, inputs: dict[str, Any], reporte
     if stage is Stage.CORPUS:
         from workers.corpus import run_corpus_stage
 
+        # As many builder processes as the CPUs this task asked Ray for (1: in-process).
         return run_corpus_stage(
-            storage, inputs["fetch"], inputs["corpus"], git_base_url=ctx.git_base_url, reporter=reporter
+            storage, inputs["fetch"], inputs["corpus"], git_base_url=ctx.git_base_url, reporter=reporter,
+            jobs=ctx.num_threads,
         )
     device = None if ctx.use_accelerator else "cpu"
     if stage is Stage.TRAIN:

@@ -130,11 +130,12 @@ def _first_sample(key: str) -> str | None:
 @jobs_app.command()
 def status(run: Annotated[str, typer.Argument(help="Run id (or a unique prefix).")], json_: JsonFlag = False) -> None:
     """Show a run: status, stage, corpus, progress, losses, checkpoints, samples, attempts."""
-    view = context.store(context.settings()).get_run(run)
+    cfg = context.settings()
+    view = context.store(cfg).get_run(run)
     if json_:
-        render.print_json(view.to_status_json())
+        render.print_json(render.status_json(view, cfg.heartbeat_timeout))
     else:
-        render.print_status(view)
+        render.print_status(view, cfg.heartbeat_timeout)
 
 
 @jobs_app.command("list")
@@ -144,11 +145,12 @@ def list_(
     json_: JsonFlag = False,
 ) -> None:
     """List runs, newest first."""
-    runs = context.store(context.settings()).list_runs(status=status_, limit=limit)
+    cfg = context.settings()
+    runs = context.store(cfg).list_runs(status=status_, limit=limit)
     if json_:
         render.print_json([render.summary_json(r) for r in runs])
     else:
-        render.print_list(runs)
+        render.print_list(runs, cfg.heartbeat_timeout)
 
 
 @jobs_app.command()

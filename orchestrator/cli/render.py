@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Sequence
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from rich.table import Table
@@ -43,12 +43,30 @@ def print_json(value: Any) -> None:
     context.out.print_json(json.dumps(value), highlight=False)
 
 
-def status_lines(view: RunView) -> list[tuple[str, str]]:
-    style = STATUS_STYLE.get(view.status.value, "")
-    status = f"[{style}]{view.status.value}[/{style}]"
+def status_word(run: RunSummary, stale_after: float) -> str:
+    """The status as shown: a running run whose heartbeat stopped never reads as plain running."""
+    style = STATUS_STYLE.get(run.status.value, "")
+    silent = run.silent_for(datetime.now(UTC))
+    if silent is not None and silent > stale_after:
+        return f"[yellow]running, no heartbeat for {silent:.0f}s[/yellow]"
+    return f"[{style}]{run.status.value}[/{style}]"
+
+
+def status_json(view: RunView, stale_after: float) -> dict[str, Any]:
+    """`jobs status --json`: the documented object, plus how long a running run has been silent."""
+    silent = view.silent_for(datetime.now(UTC))
+    return {**view.to_status_json(), "heartbeat_age_s": None if silent is None else round(silent, 1),
+            "stale": silent is not None and silent > stale_after}
+
+
+def status_lines(view: RunView, stale_after: float) -> list[tuple[str, str]]:
+    status = status_word(view, stale_after)
     if view.stage:
         status += f" (stage {view.stage.value})"
     rows = [("status", status)]
+    if "no heartbeat" in status:
+        rows.append(("note", "its dispatcher may be gone; a running `charforge serve` recovers it "
+                             "(it resumes from its last checkpoint)"))
     if view.error:
         rows.append(("error", f"[red]{view.error}[/red]"))
     for repo in view.repos or [{"spec": r.get("spec"), "commit": None} for r in view.spec.get("repos", [])]:
@@ -81,14 +99,15 @@ def status_lines(view: RunView) -> list[tuple[str, str]]:
     return rows
 
 
-def print_status(view: RunView) -> None:
+def print_status(view: RunView, stale_after: float) -> None:
     context.out.print(f"[bold]run {view.id}[/bold]  {view.name}")
-    width = max(len(k) for k, _ in status_lines(view))
-    for key, value in status_lines(view):
+    lines = status_lines(view, stale_after)
+    width = max(len(k) for k, _ in lines)
+    for key, value in lines:
         context.out.print(f"  {key:<{width}}  {value}")
 
 
-def print_list(runs: Sequence[RunSummary]) -> None:
+def print_list(runs: Sequence[RunSummary], stale_after: float) -> None:
     if not runs:
         context.out.print("no runs")
         return
@@ -96,10 +115,9 @@ def print_list(runs: Sequence[RunSummary]) -> None:
     for column in ("id", "name", "status", "stage", "step", "best val (nats)", "created"):
         table.add_column(column, no_wrap=True)
     for r in runs:
-        style = STATUS_STYLE.get(r.status.value, "")
         step = f"{r.step}/{r.total_steps}" if r.total_steps else "-"
         best = f"{r.best_val_loss:.3f}" if r.best_val_loss is not None else "-"
-        table.add_row(r.id, r.name, f"[{style}]{r.status.value}[/{style}]",
+        table.add_row(r.id, r.name, status_word(r, stale_after),
                       r.stage.value if r.stage else "-", step, best, when(r.created_at))
     context.out.print(table)
 
@@ -107,5 +125,5 @@ def print_list(runs: Sequence[RunSummary]) -> None:
 def summary_json(run: RunSummary) -> dict[str, Any]:
     return json.loads(run.model_dump_json(include={
         "id", "name", "status", "stage", "created_at", "started_at", "finished_at", "error",
-        "step", "total_steps", "best_val_loss",
+        "step", "total_steps", "best_val_loss", "heartbeat_at",
     }))
