@@ -53,21 +53,23 @@ class ModelConfig(Frozen):
 
 
 class TrainConfig(Frozen):
-    # Window length for truncated BPTT, and windows per batch.
-    seq_length: int = Field(default=50, gt=1)
-    batch_size: int = Field(default=50, gt=0)
+    # Window length for truncated BPTT, and windows per batch. The defaults (and those of the
+    # learning rate and its schedule) are what learned best per CPU-second in bench/train.py
+    # part (c); see docs/training.md.
+    seq_length: int = Field(default=32, gt=1)
+    batch_size: int = Field(default=128, gt=0)
     # How windows are drawn: "sequential" = each batch row reads its own contiguous stretch of the
     # corpus and the hidden state is carried from one window to the next (char-rnn/torch-rnn);
     # "random" = windows at random offsets, each starting from a zero state.
     batching: Literal["sequential", "random"] = "sequential"
 
     optimizer: Literal["adam", "rmsprop"] = "adam"
-    learning_rate: float = Field(default=2e-3, gt=0, le=10)
+    learning_rate: float = Field(default=1e-2, gt=0, le=10)
     # Schedule: linear warmup over `warmup_iters`, then decay to `min_lr_frac * learning_rate`
     # by the end of training (the end of `max_iters`, or of `time_budget` if that comes first).
     lr_schedule: Literal["cosine", "linear", "constant"] = "cosine"
-    warmup_iters: int = Field(default=0, ge=0)
-    min_lr_frac: float = Field(default=0.1, ge=0.0, le=1.0)
+    warmup_iters: int = Field(default=100, ge=0)
+    min_lr_frac: float = Field(default=0.02, ge=0.0, le=1.0)
     weight_decay: float = Field(default=0.0, ge=0.0)
     # Gradient clipping by global norm.
     grad_clip: float = Field(default=5.0, gt=0)
@@ -78,10 +80,10 @@ class TrainConfig(Frozen):
 
     # The contiguous tail of the corpus held out for validation.
     val_frac: float = Field(default=0.05, gt=0, lt=0.5)
-    eval_val_every: int = Field(default=200, gt=0)
+    eval_val_every: int = Field(default=1000, gt=0)
     # Validation reads at most this many characters of the held-out tail (from its start).
-    eval_max_chars: int = Field(default=1_000_000, gt=0)
-    checkpoint_every: int = Field(default=500, gt=0)
+    eval_max_chars: int = Field(default=500_000, gt=0)
+    checkpoint_every: int = Field(default=1000, gt=0)
     # Checkpoints kept: the last `keep_last` plus the best by validation loss.
     keep_last: int = Field(default=3, ge=1)
     # Train loss, lr and chars/s are reported every `log_every` steps.
@@ -89,7 +91,7 @@ class TrainConfig(Frozen):
     seed: int = 123
 
     # Stopping: whichever of these comes first. `time_budget` takes durations ("100s", "30m").
-    max_iters: int = Field(default=2000, gt=0)
+    max_iters: int = Field(default=5000, gt=0)
     max_epochs: float | None = Field(default=None, gt=0)
     time_budget: float | None = Field(default=None, gt=0)
 
@@ -115,21 +117,22 @@ PRESETS: dict[str, tuple[ModelConfig, TrainConfig]] = {
         ModelConfig(rnn_size=32, num_layers=1),
         TrainConfig(
             seq_length=32, batch_size=16, max_iters=60, eval_val_every=20, checkpoint_every=30,
-            eval_max_chars=20_000, log_every=5, precision="fp32",
+            eval_max_chars=20_000, log_every=5, precision="fp32", warmup_iters=0,
         ),
     ),
-    # char-rnn's default network (2x128).
+    # char-rnn's default network (2x128) with the training defaults above: the default preset.
     "small": (ModelConfig(rnn_size=128, num_layers=2), TrainConfig()),
+    # Bigger networks: longer windows, a gentler learning rate (meant for GPUs or long runs).
     "medium": (
         ModelConfig(rnn_size=512, num_layers=2, dropout=0.25),
-        TrainConfig(seq_length=100, batch_size=64, max_iters=20000, eval_val_every=1000,
-                    checkpoint_every=1000, warmup_iters=200),
+        TrainConfig(seq_length=100, batch_size=64, learning_rate=2e-3, warmup_iters=200,
+                    max_iters=20000),
     ),
     # The Linux-scale network.
     "large": (
         ModelConfig(rnn_size=512, num_layers=3, dropout=0.25),
-        TrainConfig(seq_length=100, batch_size=64, max_iters=50000, eval_val_every=1000,
-                    checkpoint_every=1000, warmup_iters=500),
+        TrainConfig(seq_length=100, batch_size=64, learning_rate=2e-3, warmup_iters=500,
+                    max_iters=50000),
     ),
 }
 DEFAULT_PRESET = "small"
