@@ -14,8 +14,9 @@ from rich.console import Console
 from orchestrator.settings import Settings, load_settings
 from orchestrator.store import RunStore
 
-out = Console(highlight=False, soft_wrap=True)
-err = Console(stderr=True, highlight=False, soft_wrap=True)
+# Piped output (scripts, CI logs) gets a wide fixed width, so tables are not cut to 80 columns.
+out = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 160)
+err = Console(stderr=True, highlight=False, soft_wrap=True, width=None if sys.stderr.isatty() else 160)
 
 
 def settings(**overrides: Any) -> Settings:
