@@ -32,16 +32,16 @@ from torch.nn import functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from schemas.events import EventKind  # noqa: E402
-from schemas.results import CorpusResult  # noqa: E402
-from schemas.run import build_run_spec  # noqa: E402
-from schemas.training import DEFAULT_PRESET, ModelConfig, TrainConfig  # noqa: E402
-from workers import keys  # noqa: E402
-from workers.data import prepare_corpus, split  # noqa: E402
-from workers.evaluate import evaluate_ids, evaluate_text  # noqa: E402
-from workers.progress import ListReporter  # noqa: E402
-from workers.storage import LocalStorage, Storage  # noqa: E402
-from workers.train import default_threads, run_train_stage  # noqa: E402
+from schemas.events import EventKind
+from schemas.results import CorpusResult
+from schemas.run import build_run_spec
+from schemas.training import DEFAULT_PRESET, ModelConfig, TrainConfig
+from workers import keys
+from workers.data import prepare_corpus, split
+from workers.evaluate import evaluate_ids, evaluate_text
+from workers.progress import ListReporter
+from workers.storage import LocalStorage, Storage
+from workers.train import default_threads, run_train_stage
 
 HASH = "b" * 64
 REF_LR = 2e-3  # char-rnn's default Adam learning rate

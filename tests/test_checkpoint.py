@@ -13,7 +13,12 @@ from schemas.errors import ArtifactNotFound, InvalidSpec, TrainingError
 from schemas.training import PRESETS
 from workers import keys
 from workers.checkpoint import (
-    Checkpoint, available_steps, find_checkpoint, load_checkpoint, record_checkpoint, save_checkpoint,
+    Checkpoint,
+    available_steps,
+    find_checkpoint,
+    load_checkpoint,
+    record_checkpoint,
+    save_checkpoint,
 )
 from workers.model import CharRNN
 from workers.storage import LocalStorage

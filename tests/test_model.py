@@ -7,7 +7,13 @@ import torch
 
 from schemas.training import ModelConfig
 from workers.model import (
-    CharRNN, autocast, count_parameters, detach_state, resolve_device, resolve_precision, select_state,
+    CharRNN,
+    autocast,
+    count_parameters,
+    detach_state,
+    resolve_device,
+    resolve_precision,
+    select_state,
 )
 
 

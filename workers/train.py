@@ -24,11 +24,23 @@ from schemas.errors import TrainingError
 from schemas.results import CorpusResult, TrainResult
 from schemas.training import ModelConfig, TrainConfig
 from workers import keys
-from workers.checkpoint import Checkpoint, load_checkpoint, read_pointer, record_checkpoint, save_checkpoint
+from workers.checkpoint import (
+    Checkpoint,
+    load_checkpoint,
+    read_pointer,
+    record_checkpoint,
+    save_checkpoint,
+)
 from workers.data import Batches, prepare_corpus, split
 from workers.evaluate import evaluate_ids
 from workers.model import (
-    CharRNN, State, autocast, count_parameters, detach_state, resolve_device, resolve_precision,
+    CharRNN,
+    State,
+    autocast,
+    count_parameters,
+    detach_state,
+    resolve_device,
+    resolve_precision,
 )
 from workers.progress import Reporter
 from workers.storage import Storage
