@@ -296,6 +296,11 @@ class Trainer:
         if self.c.best_val_loss is None or result.nats_per_char < self.c.best_val_loss:
             self.c.best_val_loss = result.nats_per_char
         self.reporter.metric(self.c.step, val_loss=result.nats_per_char)
+        self.reporter.log(
+            f"step {self.c.step}: val_loss {result.nats_per_char:.4f} nats/char "
+            f"({result.bits_per_char:.3f} bits/char), best {self.c.best_val_loss:.4f}, "
+            f"train_loss {self.c.train_loss if self.c.train_loss is not None else float('nan'):.4f}"
+        )
 
     # --- checkpoints --------------------------------------------------------------------------
 
