@@ -69,9 +69,7 @@ def count_chars(chunks: Iterable[str]) -> dict[str, int]:
 
 def corpus_vocab(storage: Storage, corpus: CorpusResult, train: TrainConfig) -> Vocab:
     """The corpus's own vocabulary under `train`'s thresholds, counted once and then cached."""
-    key = keys.corpus_prefix(corpus.hash) + (
-        f"vocab-min{train.vocab_min_count}-max{train.vocab_max_size}.json"
-    )
+    key = keys.corpus_vocab(corpus.hash, train.vocab_min_count, train.vocab_max_size)
     if storage.exists(key):
         return Vocab.from_list(json.loads(storage.get_bytes(key))["chars"])
     counts = count_chars(_storage_chunks(storage, corpus.text_key))
@@ -111,8 +109,7 @@ def prepare_corpus(
                 f"vocabularies differ: the corpus uses {len(missing)} characters the initial "
                 f"checkpoint does not know ({shown!r}); fine-tune on a corpus of the same alphabet"
             )
-    prefix = keys.corpus_prefix(corpus.hash) + f"encoded-{vocab_tag(vocab)}"
-    bin_key, meta_key = prefix + ".bin", prefix + ".json"
+    bin_key, meta_key = keys.corpus_encoded(corpus.hash, vocab_tag(vocab))
     if storage.exists(meta_key) and storage.exists(bin_key):
         meta = json.loads(storage.get_bytes(meta_key))
         return EncodedCorpus(bin_key, Vocab.from_list(meta["chars"]), int(meta["length"]))

@@ -30,6 +30,24 @@ def corpus_manifest(corpus_hash: str) -> str:
     return corpus_prefix(corpus_hash) + "manifest.json"
 
 
+def corpus_vocab(corpus_hash: str, min_count: int, max_size: int) -> str:
+    """The corpus's vocabulary under given thresholds (counted once, reused by every run)."""
+    return corpus_prefix(corpus_hash) + f"vocab-min{int(min_count)}-max{int(max_size)}.json"
+
+
+def corpus_encoded(corpus_hash: str, vocab_tag: str) -> tuple[str, str]:
+    """The corpus encoded with one vocabulary: the integer file and its small JSON description."""
+    if not re.match(r"^[0-9a-f]{6,64}$", vocab_tag):
+        raise ValueError(f"invalid vocabulary tag {vocab_tag!r}")
+    prefix = corpus_prefix(corpus_hash) + f"encoded-{vocab_tag}"
+    return prefix + ".bin", prefix + ".json"
+
+
+def corpus_metrics(corpus_hash: str, version: int) -> str:
+    """The corpus's own code-likeness figures (what samples are compared with)."""
+    return corpus_prefix(corpus_hash) + f"codemetrics-v{int(version)}.json"
+
+
 def run_prefix(run_id: str) -> str:
     return f"runs/{_check_id(run_id, 'run id')}/"
 

@@ -149,8 +149,7 @@ def read_excerpt(storage: Storage, key: str, limit: int = CORPUS_EXCERPT_BYTES) 
 
 def corpus_metrics_key(corpus_hash: str) -> str:
     # Beside the corpus it describes: corpora are content-addressed, so this never goes stale.
-    # (Belongs in workers/keys.py as `corpus_metrics(hash)`; composed from its prefix until then.)
-    return keys.corpus_prefix(corpus_hash) + f"codemetrics-v{CORPUS_METRICS_VERSION}.json"
+    return keys.corpus_metrics(corpus_hash, CORPUS_METRICS_VERSION)
 
 
 def corpus_text_metrics(storage: Storage, corpus: CorpusResult) -> dict[str, Any]:

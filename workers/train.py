@@ -243,6 +243,9 @@ class Trainer:
         if checkpoint:
             self.info.update(finished=reason is not None, stop_reason=reason)
             self._checkpoint(elapsed)
+        if reason is not None:  # a time budget or epoch limit ends the run before max_iters
+            self.reporter.progress(step, step, stop_reason=reason)
+            self.reporter.log(f"stopped at step {step} ({reason.replace('_', ' ')})")
 
     def _oom_message(self) -> str:
         t = self.train
@@ -331,6 +334,7 @@ class Trainer:
         best = pointer["best"] is not None and pointer["best"]["step"] == step
         self.reporter.artifact("checkpoint", key, written.size, written.sha256,
                                step=step, val_loss=self.c.val_loss, best=best)
+        self.reporter.log(f"checkpoint at step {step} saved{' (best so far)' if best else ''}: {key}")
         for old in deleted:
             self.reporter.log(f"removed checkpoint {old} (keeping the last {self.train.keep_last} and the best)")
         self._last_checkpoint, self._pointer = ckpt, pointer
