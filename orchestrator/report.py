@@ -22,6 +22,7 @@ from typing import Any
 
 from rich.table import Table
 
+from schemas.units import human_size
 from schemas.views import ArtifactView, MetricPoint, RunView
 from workers import codemetrics
 from workers.sample import read_samples
@@ -248,17 +249,6 @@ def compare_rows(runs: Sequence[RunView], storage: Storage) -> list[dict[str, An
     return sorted(rows, key=lambda r: (r["val_loss"] is None, r["val_loss"] or 0.0))
 
 
-def human_bytes(size: int | None) -> str:
-    if size is None:
-        return "n/a"
-    value = float(size)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if value < 1024 or unit == "GiB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    return f"{value:.1f} TiB"  # unreachable; keeps type checkers calm
-
-
 def compare_table(rows: Sequence[dict[str, Any]]) -> Table:
     table = Table(title="Which codebase is most predictable? (lower bits/char = more predictable)")
     columns = (("run", "left"), ("name", "left"), ("corpus", "left"), ("size", "right"),
@@ -272,7 +262,7 @@ def compare_table(rows: Sequence[dict[str, Any]]) -> Table:
     for r in rows:
         # Cells are plain text: a run name like "[red]" must not be read as Rich markup.
         table.add_row(*(_plain(c) for c in (
-            r["run"], r["name"], r["corpus"] or "n/a", human_bytes(r["size"]), r["model"] or "n/a",
+            r["run"], r["name"], r["corpus"] or "n/a", human_size(r["size"]), r["model"] or "n/a",
             _fmt(r["val_loss"]), _fmt(r["bits_per_char"]), _fmt(r["bracket_balance"]),
             _fmt(r["lexer_error_rate"]),
         )))

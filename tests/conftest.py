@@ -28,3 +28,17 @@ def local_ray():
     yield
     if started:
         ray_runtime.shutdown()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store(request: pytest.FixtureRequest, tmp_path):
+    """A fresh, migrated run store: once on SQLite, once on the machine's PostgreSQL."""
+    from orchestrator.store import RunStore
+
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path / 'runs.db'}"
+    else:
+        url = request.getfixturevalue("fresh_postgres_url")()
+    st = RunStore(url, migrate=True)
+    yield st
+    st.close()

@@ -8,7 +8,7 @@ import pytest
 from typer.testing import CliRunner
 
 from orchestrator.cli import app
-from orchestrator.cli.corpus import corpus_app, parse_size
+from orchestrator.cli.corpus import parse_size
 from schemas.errors import InvalidSpec
 from tests.gitserver import hostile_files, source_files
 
@@ -22,7 +22,7 @@ def hostile(git_server):
 
 def test_build_writes_corpus_and_manifest(git_server, hostile, tmp_path):
     out = tmp_path / "corpus.txt"
-    result = runner.invoke(corpus_app, ["build", hostile.name, "--out", str(out),
+    result = runner.invoke(app, ["corpus", "build", hostile.name, "--out", str(out),
                                         "--git-base-url", git_server.base_url])
     assert result.exit_code == 0, result.output
     assert result.stdout == (
@@ -50,7 +50,7 @@ def test_inspect_prints_the_summary_without_writing(git_server, hostile, monkeyp
 
 
 def test_inspect_json(git_server, hostile):
-    result = runner.invoke(corpus_app, ["inspect", hostile.name, "--json", "--no-header",
+    result = runner.invoke(app, ["corpus", "inspect", hostile.name, "--json", "--no-header",
                                         "--git-base-url", git_server.base_url])
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout)
@@ -69,14 +69,14 @@ def test_inspect_json(git_server, hostile):
      "error: cannot read size 'lots': use bytes or a K/M/G suffix, e.g. 1M\n"),
 ])
 def test_user_errors_are_one_line_and_exit_1(git_server, args, message):
-    result = runner.invoke(corpus_app, [*args, "--git-base-url", git_server.base_url])
+    result = runner.invoke(app, ["corpus", *args, "--git-base-url", git_server.base_url])
     assert result.exit_code == 1
     assert result.stderr == message.format(base=git_server.base_url)
 
 
 def test_empty_corpus_error_through_the_cli(tmp_path):
     (tmp_path / "only.bin").write_bytes(b"\0\0")
-    result = runner.invoke(corpus_app, ["build", str(tmp_path), "--out", str(tmp_path / "c.txt")])
+    result = runner.invoke(app, ["corpus", "build", str(tmp_path), "--out", str(tmp_path / "c.txt")])
     assert result.exit_code == 1
     assert result.stderr == "error: corpus is empty after filters: 1 files skipped (binary: 1)\n"
     assert not (tmp_path / "c.txt").exists()
@@ -93,7 +93,7 @@ def test_output_inside_the_folder_is_never_read(tmp_path):
     (tmp_path / "a.py").write_text("a = 1\n")
     out = tmp_path / "corpus.txt"
     for _ in range(2):  # the second build must not swallow the first one's corpus or manifest
-        result = runner.invoke(corpus_app, ["build", str(tmp_path), "--out", str(out)])
+        result = runner.invoke(app, ["corpus", "build", str(tmp_path), "--out", str(out)])
         assert result.exit_code == 0, result.output
         assert out.read_text() == "# a.py\na = 1\n"
     manifest = json.loads((tmp_path / "corpus.txt.manifest.json").read_text())

@@ -18,17 +18,6 @@ from schemas.run import build_run_spec
 from schemas.status import RunStatus, Stage
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def store(request: pytest.FixtureRequest, tmp_path) -> RunStore:
-    if request.param == "sqlite":
-        url = f"sqlite:///{tmp_path / 'runs.db'}"
-    else:
-        url = request.getfixturevalue("fresh_postgres_url")()
-    st = RunStore(url, migrate=True)
-    yield st
-    st.close()
-
-
 def _running(store: RunStore, owner: str) -> str:
     run = store.create_run(build_run_spec(["acme/widgets"], preset="tiny"))
     (claimed,) = store.claim(owner, 1, only={run.id})

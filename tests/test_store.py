@@ -16,17 +16,6 @@ from schemas.run import build_run_spec
 from schemas.status import TRANSITIONS, RunStatus, Stage
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def store(request: pytest.FixtureRequest, tmp_path) -> RunStore:
-    if request.param == "sqlite":
-        url = f"sqlite:///{tmp_path / 'runs.db'}"
-    else:
-        url = request.getfixturevalue("fresh_postgres_url")()
-    st = RunStore(url, migrate=True)
-    yield st
-    st.close()
-
-
 def _spec(name: str = "acme/widgets"):
     return build_run_spec([name], preset="tiny")
 

@@ -18,8 +18,8 @@ import typer
 from pydantic import ValidationError
 
 from schemas.corpus import CorpusConfig
-from schemas.errors import CharforgeError, InvalidSpec
-from schemas.repo import parse_repo_spec
+from schemas.errors import InvalidSpec
+from schemas.repo import RepoSpec, parse_repo_spec
 
 corpus_app = typer.Typer(
     help="Build or inspect a corpus from repositories, without training.", no_args_is_help=True
@@ -55,6 +55,17 @@ def parse_size(text: str) -> int:
     return int(number * 1024 ** " kmgt".index(unit or " "))
 
 
+# The filter flags `build` and `inspect` share, by parameter name.
+FILTER_FLAGS = ("include", "exclude", "lang", "max_file_size", "max_total_size", "max_line_length",
+                "no_header", "invalid_utf8", "keep_duplicates", "keep_vendored", "keep_crlf")
+
+
+def _prepare(specs: list[str], params: dict[str, Any]) -> tuple[CorpusConfig, list[RepoSpec]]:
+    """The corpus config from a command's filter flags, and its parsed SPECs."""
+    config = _config(**{name: params[name] for name in FILTER_FLAGS})
+    return config, [parse_repo_spec(s) for s in specs]
+
+
 def _config(**flags: Any) -> CorpusConfig:
     langs = tuple(p for value in flags.pop("lang") or () for p in value.split(","))
     values: dict[str, Any] = {
@@ -79,16 +90,6 @@ def _config(**flags: Any) -> CorpusConfig:
     except ValidationError as err:
         first = err.errors()[0]
         raise InvalidSpec(f"bad corpus option {first['loc'][0]}: {first['msg']}") from None
-
-
-@contextmanager
-def _user_errors() -> Iterator[None]:
-    """One line and exit 1 for a charforge error (the root CLI does the same for every group)."""
-    try:
-        yield
-    except CharforgeError as exc:
-        typer.echo(f"error: {exc.message}", err=True)
-        raise typer.Exit(1) from None
 
 
 class _ProgressReporter:
@@ -160,20 +161,13 @@ def build(
     """Build one corpus from all SPECs (combined, in order) into OUT, with a manifest beside it."""
     from workers.corpus import build_corpus_file
 
-    with _user_errors():
-        config = _config(
-            include=include, exclude=exclude, lang=lang, max_file_size=max_file_size,
-            max_total_size=max_total_size, max_line_length=max_line_length, no_header=no_header,
-            invalid_utf8=invalid_utf8, keep_duplicates=keep_duplicates, keep_vendored=keep_vendored,
-            keep_crlf=keep_crlf,
+    config, repos = _prepare(specs, locals())
+    manifest_path = manifest or out.with_name(out.name + ".manifest.json")
+    with _reporter() as reporter:
+        summary = build_corpus_file(
+            repos, config, out, git_base_url=_git_base_url(git_base_url), reporter=reporter,
+            manifest_out=manifest_path, jobs=jobs,
         )
-        repos = [parse_repo_spec(s) for s in specs]
-        manifest_path = manifest or out.with_name(out.name + ".manifest.json")
-        with _reporter() as reporter:
-            summary = build_corpus_file(
-                repos, config, out, git_base_url=_git_base_url(git_base_url), reporter=reporter,
-                manifest_out=manifest_path, jobs=jobs,
-            )
     t = summary["totals"]
     typer.echo(f"wrote {out}: {t['files']} files, {t['bytes']} bytes, vocabulary {t['vocab_size']}; "
                f"skipped {t['skipped']}")
@@ -194,17 +188,10 @@ def inspect(
     """What a corpus of SPECs would hold: files kept, skipped by reason, languages, characters."""
     from workers.corpus import format_summary, inspect_corpus
 
-    with _user_errors():
-        config = _config(
-            include=include, exclude=exclude, lang=lang, max_file_size=max_file_size,
-            max_total_size=max_total_size, max_line_length=max_line_length, no_header=no_header,
-            invalid_utf8=invalid_utf8, keep_duplicates=keep_duplicates, keep_vendored=keep_vendored,
-            keep_crlf=keep_crlf,
-        )
-        repos = [parse_repo_spec(s) for s in specs]
-        with _reporter() as reporter:
-            summary = inspect_corpus(repos, config, git_base_url=_git_base_url(git_base_url),
-                                     reporter=reporter, jobs=jobs)
+    config, repos = _prepare(specs, locals())
+    with _reporter() as reporter:
+        summary = inspect_corpus(repos, config, git_base_url=_git_base_url(git_base_url),
+                                 reporter=reporter, jobs=jobs)
     if json_:
         typer.echo(json.dumps(summary, ensure_ascii=False, indent=2))
     else:

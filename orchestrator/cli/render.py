@@ -11,6 +11,7 @@ from typing import Any
 from rich.table import Table
 
 from orchestrator.cli import context
+from schemas.units import human_size
 from schemas.views import RunSummary, RunView
 
 STATUS_STYLE = {
@@ -26,17 +27,6 @@ def bits(nats: float | None) -> str:
 
 def when(value: datetime | None) -> str:
     return value.astimezone().strftime("%Y-%m-%d %H:%M:%S") if value else "-"
-
-
-def human_bytes(n: int | None) -> str:
-    if n is None:
-        return "-"
-    size = float(n)
-    for unit in ("B", "kB", "MB", "GB"):
-        if size < 1000 or unit == "GB":
-            return f"{size:,.0f} {unit}" if unit == "B" else f"{size:,.1f} {unit}"
-        size /= 1000
-    return f"{n} B"
 
 
 def print_json(value: Any) -> None:
@@ -74,7 +64,7 @@ def status_lines(view: RunView, stale_after: float) -> list[tuple[str, str]]:
         rows.append(("repo", f"{repo.get('spec')} @ {commit}"))
     if view.corpus:
         c = view.corpus
-        rows.append(("corpus", f"{c.get('files')} files, {human_bytes(c.get('bytes'))}, "
+        rows.append(("corpus", f"{c.get('files')} files, {human_size(c.get('bytes'))}, "
                                f"{c.get('vocab_size')} distinct chars ({c.get('key')})"))
     if view.total_steps:
         rows.append(("progress", f"step {view.step or 0}/{view.total_steps}"))

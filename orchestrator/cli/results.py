@@ -18,6 +18,7 @@ from orchestrator.cli.jobs import JsonFlag, jobs_app
 from schemas.errors import UserError
 from schemas.sampling import SampleConfig
 from schemas.status import RunStatus
+from schemas.units import human_size
 from schemas.views import RunView
 
 
@@ -160,7 +161,7 @@ def export(
         render.print_json(result.model_dump(mode="json"))
         return
     context.out.print(f"exported {result.samples} samples in {result.batches} batches of {result.runs} runs "
-                      f"to {result.destination} ({render.human_bytes(result.size)}, sha256 {result.sha256[:12]})")
+                      f"to {result.destination} ({human_size(result.size)}, sha256 {result.sha256[:12]})")
     if result.url and result.destination.startswith("s3://"):
         context.out.print(f"download (presigned, 1 hour): {result.url}", markup=False)
 
@@ -187,8 +188,8 @@ def eval_(
     key = find_checkpoint(storage, view.id, checkpoint)
     with tempfile.TemporaryDirectory(prefix="charforge-eval-") as tmp:
         if repo:
-            from workers.corpus import build_corpus_file
             from schemas.corpus import CorpusConfig
+            from workers.corpus import build_corpus_file
 
             file = Path(tmp) / "corpus.txt"
             build_corpus_file(repo, CorpusConfig(), file, git_base_url=cfg.git_base_url)

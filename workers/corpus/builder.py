@@ -26,6 +26,7 @@ import numpy as np
 
 from schemas.corpus import CorpusConfig
 from schemas.errors import CorpusError
+from schemas.units import human_size
 from workers.corpus import paths as P
 from workers.corpus.content import (
     BatchResult,
@@ -36,7 +37,7 @@ from workers.corpus.content import (
     count_chars,
     examine_batch,
 )
-from workers.corpus.manifest import ManifestWriter, human_size, kept_line, skipped_line
+from workers.corpus.manifest import ManifestWriter, kept_line, skipped_line
 from workers.corpus.sources import Found, GitView, Skipped, walk
 from workers.progress import Reporter
 from workers.storage import HashingWriter

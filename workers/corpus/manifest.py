@@ -13,6 +13,8 @@ from json.encoder import encode_basestring  # the C string escaper behind json.d
 from pathlib import Path
 from typing import IO, Any
 
+from schemas.units import human_size
+
 FORMAT_VERSION = 1
 
 
@@ -75,14 +77,6 @@ def read_manifest(fh: IO[bytes]) -> dict[str, Any]:
 def summary_of(manifest: dict[str, Any]) -> dict[str, Any]:
     """The manifest without its per-file lists: what `corpus inspect --json` prints."""
     return {k: v for k, v in manifest.items() if k not in ("files", "skipped")}
-
-
-def human_size(n: float) -> str:
-    for unit in ("bytes", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} GiB"
 
 
 def _char(c: str) -> str:
