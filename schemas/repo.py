@@ -61,8 +61,17 @@ def parse_repo_spec(spec: str, *, cwd: Path | None = None) -> RepoSpec:
     ref: str | None = None
     if raw.startswith(_URL_SCHEMES):
         location = raw
-        # `https://host/repo.git@v1` — an @ after the path part names a ref.
         scheme, _, rest = raw.partition("://")
+        netloc = rest.split("/", 1)[0]
+        userinfo, _, host = netloc.rpartition("@")
+        if userinfo and (scheme != "ssh" or ":" in userinfo):  # ssh://git@host is a user, not a secret
+            # Specs are stored on the run and shown in status, logs and manifests: a token in
+            # the URL would be too. Git's credential helpers keep it out of sight.
+            raise InvalidSpec(
+                f"repo URL {scheme}://...@{host}/... carries credentials: use a git credential helper "
+                "or an SSH key instead (charforge stores and shows repo URLs)"
+            )
+        # `https://host/repo.git@v1` — an @ after the path part names a ref.
         if "@" in rest.split("/", 1)[-1]:
             path_part, _, ref = rest.rpartition("@")
             location = f"{scheme}://{path_part}"
