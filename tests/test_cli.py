@@ -133,3 +133,10 @@ def test_bad_settings_are_refused_at_submit(home):
         assert result.exit_code == 1 and expected in result.stderr, (bad, result.stderr)
     unknown = invoke("jobs", "submit", "--repo", "acme/cli", "--preset", "huge", "--detach")
     assert unknown.exit_code == 1 and "tiny, small, medium, large" in unknown.stderr
+
+
+def test_bad_sampling_options_are_one_line(trained):
+    result = invoke("jobs", "sample", trained["id"], "--temperature", "-1")
+    assert result.exit_code == 1
+    assert result.stderr.startswith("error: invalid option: temperature: ")
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.output

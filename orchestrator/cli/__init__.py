@@ -15,10 +15,17 @@ from typing import Annotated, Any
 
 import click
 import typer
+from pydantic import ValidationError
 from typer.core import TyperGroup
 
 from orchestrator.cli import context
 from schemas.errors import CharforgeError
+
+
+def _invalid(exc: ValidationError) -> str:
+    return "; ".join(
+        f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']} (got {e.get('input')!r})" for e in exc.errors()
+    )
 
 
 class CharforgeGroup(TyperGroup):
@@ -26,8 +33,11 @@ class CharforgeGroup(TyperGroup):
         try:
             return super().invoke(ctx)
         except CharforgeError as exc:
-            context.err.print(f"[red]error:[/red] {exc.message}", markup=True)
-            raise typer.Exit(1) from None
+            message = exc.message
+        except ValidationError as exc:  # an option value a config model refused
+            message = f"invalid option: {_invalid(exc)}"
+        context.err.print(f"[red]error:[/red] {message}", markup=True, soft_wrap=True)
+        raise typer.Exit(1)
 
 
 app = typer.Typer(
