@@ -5,6 +5,7 @@ from __future__ import annotations
 from pydantic import Field, field_validator
 
 from schemas.base import Frozen
+from schemas.training import SEED_LIMIT
 
 
 class SampleConfig(Frozen):
@@ -18,7 +19,7 @@ class SampleConfig(Frozen):
     # Text every sample starts with; it is fed to the model once, as one (n, len) batch.
     prime: str = ""
     # None draws a fresh seed, which is recorded with the batch so it can be reproduced.
-    seed: int | None = Field(default=None, ge=0)
+    seed: int | None = Field(default=None, ge=0, lt=SEED_LIMIT)
     argmax: bool = False
     # "latest", "best" or a step number (as text).
     checkpoint: str = "best"

@@ -15,6 +15,9 @@ from schemas.base import Frozen
 
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)([smhd])")
 _UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+# Seeds are below 2**63: torch.Generator.manual_seed takes at most 2**64 - 1, and training seeds
+# a second generator with seed + 1.
+SEED_LIMIT = 2**63
 
 
 def parse_duration(value: Any) -> float | None:
@@ -88,7 +91,9 @@ class TrainConfig(Frozen):
     keep_last: int = Field(default=3, ge=1)
     # Train loss, lr and chars/s are reported every `log_every` steps.
     log_every: int = Field(default=10, gt=0)
-    seed: int = 123
+    # Model init, dropout and batch order. Below 2**63 so that every generator seeded from it
+    # (the data generator takes seed + 1) accepts it; a bigger value is refused at submission.
+    seed: int = Field(default=123, ge=0, lt=SEED_LIMIT)
 
     # Stopping: whichever of these comes first. `time_budget` takes durations ("100s", "30m").
     max_iters: int = Field(default=5000, gt=0)

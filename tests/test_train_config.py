@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 from schemas.errors import InvalidSpec
 from schemas.run import build_run_spec
@@ -53,12 +54,25 @@ def test_new_options_through_set(tmp_path: Path) -> None:
     ("keep_last=0", "greater than or equal to 1"),
     ("seq_length=1", "greater than 1"),
     ("val_frac=0.9", "less than 0.5"),
+    # torch.Generator().manual_seed(seed + 1) overflowed on these, deep inside training.
+    ("seed=18446744073709551615", "less than 9223372036854775808"),
+    ("seed=9223372036854775808", "less than 9223372036854775808"),
+    ("seed=-1", "greater than or equal to 0"),
+    ("sample.seed=18446744073709551615", "less than 9223372036854775808"),
+    ("sample.seed=-3", "greater than or equal to 0"),
 ])
 def test_bad_values_are_refused_with_the_reason(tmp_path: Path, setting: str, message: str) -> None:
     with pytest.raises(InvalidSpec, match="bad setting") as err:
         _spec(tmp_path, setting)
     assert message in str(err.value)
     assert setting.split("=")[0] in str(err.value)
+
+
+def test_largest_seeds_are_accepted_and_seed_generators(tmp_path: Path) -> None:
+    top = 2**63 - 1
+    spec = _spec(tmp_path, f"seed={top}", f"sample.seed={top}")
+    assert spec.train.seed == top and spec.sample.seed == top
+    torch.Generator().manual_seed(spec.train.seed + 1)  # what the trainer does with it
 
 
 def test_unknown_key_lists_the_valid_ones(tmp_path: Path) -> None:
