@@ -20,7 +20,9 @@ from workers import keys
 from workers.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from workers.model import CharRNN
 from workers.progress import ListReporter
+from workers import sample as sample_module
 from workers.sample import (
+    Uniforms,
     corpus_metrics_key,
     draw,
     generate,
@@ -81,12 +83,45 @@ def test_same_seed_same_samples_other_seed_other_samples(trained):
 
 def test_draw_follows_the_distribution_and_never_picks_zero_mass():
     probs = torch.tensor([0.0, 0.2, 0.0, 0.5, 0.3]).expand(100_000, 5)
-    picks = draw(probs, torch.Generator().manual_seed(0))
+    picks = draw(probs, torch.rand(100_000, generator=torch.Generator().manual_seed(0)))
     freq = torch.bincount(picks, minlength=5).double() / len(picks)
     assert freq[0] == 0 and freq[2] == 0
     assert freq[1:].tolist() == pytest.approx([0.2, 0.0, 0.5, 0.3], abs=0.01)
     one_hot = torch.tensor([[0.0, 0.0, 1.0]] * 50)
-    assert draw(one_hot, torch.Generator().manual_seed(1)).tolist() == [2] * 50
+    assert draw(one_hot, torch.rand(50, generator=torch.Generator().manual_seed(1))).tolist() == [2] * 50
+    edges = torch.tensor([0.0, 0.19, 0.21, 0.71, 1.0 - 2**-53], dtype=torch.float64)
+    assert draw(probs[:5], edges).tolist() == [1, 1, 3, 4, 4]
+
+
+def test_uniforms_are_one_cpu_stream_whatever_the_block(monkeypatch):
+    """The contract that makes a batch reproducible on any device: row i at step t takes element
+    [t, i] of torch.rand((steps, rows), float64) from a CPU generator seeded with the seed."""
+    expected = torch.rand((150, 5), generator=torch.Generator().manual_seed(9), dtype=torch.float64)
+    for block in (1, 7, 64):
+        monkeypatch.setattr(sample_module, "UNIFORM_BLOCK", block)
+        uniforms = Uniforms(9, 5, torch.device("cpu"))
+        assert torch.equal(torch.stack([uniforms.next() for _ in range(150)]), expected)
+
+
+def test_samples_follow_the_documented_draws(trained):
+    """A reference sampler written from the contract above (CPU uniforms, inverse CDF) gives the
+    same texts: anyone can make a batch again from its seed, on any device."""
+    model, vocab = trained
+    n, length, seed, temperature = 3, 30, 21, 0.9
+    got = texts(model, vocab, num_samples=n, length=length, seed=seed, temperature=temperature,
+                prime="def")
+    u = torch.rand((length, n), generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    ids = torch.tensor([[int(i) for i in vocab.encode("def")]] * n)
+    with torch.no_grad():
+        logits, state = model(ids)
+        for t in range(length):
+            last = logits[:, -1].double() / temperature
+            last[:, 0] = float("-inf")  # the unknown symbol
+            cdf = torch.softmax(last, dim=-1).cumsum(-1)
+            nxt = torch.searchsorted(cdf, u[t, :, None] * cdf[:, -1:], right=True)
+            ids = torch.cat([ids, nxt], dim=1)
+            logits, state = model(nxt, state)
+    assert got == [vocab.decode(row) for row in ids.tolist()]
 
 
 def test_temperature_towards_zero_top_k_one_and_zero_equal_argmax(trained):
@@ -193,9 +228,12 @@ def test_samples_on_cuda_and_a_cuda_checkpoint_samples_on_cpu(tmp_path, trained)
     storage = LocalStorage(tmp_path)
     cuda_model = CharRNN(len(vocab), model.config).cuda()
     cuda_model.load_state_dict(model.state_dict())
-    samples = generate(cuda_model, vocab, SampleConfig(num_samples=8, length=40, prime="def", seed=1),
-                       device="cuda")
+    config = SampleConfig(num_samples=8, length=40, prime="def", seed=1, temperature=1.0)
+    samples = generate(cuda_model, vocab, config, device="cuda")
     assert all(s.text.startswith("def") for s in samples)
+    # Same seed on the CPU: the same draws (CPU generator). Logits differ in their last bits
+    # between cuDNN and oneDNN, so a draw within ~1e-6 of a CDF step could still differ: rare.
+    assert [s.text for s in generate(model, vocab, config, device="cpu")] == [s.text for s in samples]
     key = write_checkpoint(storage, cuda_model, vocab)
     ckpt = load_checkpoint(storage, key, map_location="cpu")
     greedy = {"num_samples": 2, "length": 40, "prime": "def", "argmax": True}
@@ -225,6 +263,7 @@ def test_sample_stage_writes_jsonl_and_reports_the_batch(tmp_path, trained):
     assert first["options"] == {"num_samples": 4, "length": 64, "temperature": 0.7, "top_k": 5,
                                 "prime": "def ", "argmax": False}
     assert isinstance(first["seed"], int) and first["language"] == "python"
+    assert first["device"] == "cpu"
     assert set(first["metrics"]) == {"bits_per_char", "bracket_balance", "quote_balance",
                                      "lexer_error_rate", "mean_line_length", "indent_consistency"}
 

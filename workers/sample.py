@@ -23,7 +23,7 @@ from schemas.errors import SamplingError, StorageError
 from schemas.results import CorpusResult, SampleResult
 from schemas.sampling import SampleConfig, SampleText
 from workers import codemetrics, keys
-from workers.model import CharRNN
+from workers.model import CharRNN, resolve_device
 from workers.progress import Reporter
 from workers.storage import Storage
 from workers.vocab import Vocab
@@ -32,12 +32,7 @@ from workers.vocab import Vocab
 CORPUS_EXCERPT_BYTES = 256 * 1024
 CORPUS_METRICS_VERSION = 1  # bump when a metric's definition changes: old caches are ignored
 PROGRESS_EVERY = 64  # characters between progress callbacks
-
-
-def pick_device(device: str | torch.device | None) -> torch.device:
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+UNIFORM_BLOCK = 64  # steps of random numbers drawn (and copied to the device) at a time
 
 
 def new_seed() -> int:
@@ -56,31 +51,54 @@ def prime_ids(vocab: Vocab, prime: str) -> list[int]:
     return [vocab.index.get("\n", 0)]
 
 
-def _choose(
-    logits: torch.Tensor, config: SampleConfig, gen: torch.Generator
-) -> torch.Tensor:
+class Uniforms:
+    """The random numbers behind every draw: one uniform in [0, 1) per row and step.
+
+    They come from a CPU `torch.Generator` whatever the device: a CUDA generator draws other
+    numbers from the same seed, so a batch made on a GPU could not be made again on a CPU. Row i
+    at step t takes element [t, i] of the float64 stream `torch.rand((steps, rows))` of a CPU
+    generator seeded with the batch's seed. They are drawn `UNIFORM_BLOCK` steps at a time, one
+    host-to-device copy per block rather than per step; the CPU generator gives the same stream
+    whatever the block size (tested).
+    """
+
+    def __init__(self, seed: int, rows: int, device: torch.device) -> None:
+        self.gen = torch.Generator().manual_seed(seed)
+        self.rows, self.device = rows, device
+        self.block = torch.empty((0, rows), dtype=torch.float64)
+        self.at = 0
+
+    def next(self) -> torch.Tensor:
+        """The next step's numbers, shape (rows,), on the device."""
+        if self.at == len(self.block):
+            block = torch.rand((UNIFORM_BLOCK, self.rows), generator=self.gen, dtype=torch.float64)
+            self.block, self.at = block.to(self.device), 0
+        self.at += 1
+        return self.block[self.at - 1]
+
+
+def _choose(logits: torch.Tensor, config: SampleConfig, uniforms: Uniforms | None) -> torch.Tensor:
     """Next character per row, shape (n,), from last-step logits (n, V)."""
-    if config.greedy:
+    if config.greedy or uniforms is None:
         return logits.argmax(dim=-1)
     scaled = logits / config.temperature
     if config.top_k is not None and config.top_k < scaled.size(-1):
         kth = torch.topk(scaled, config.top_k, dim=-1).values[:, -1:]
         scaled = scaled.masked_fill(scaled < kth, float("-inf"))
-    return draw(torch.softmax(scaled, dim=-1), gen)
+    return draw(torch.softmax(scaled, dim=-1), uniforms.next())
 
 
-def draw(probs: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    """One index per row with probability `probs[row, index]`, by inverting the CDF.
+def draw(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """One index per row with probability `probs[row, index]`, by inverting the CDF at `u[row]`.
 
-    One uniform number per row. `torch.multinomial` costs ~2 us per row on CPU (8x this at
-    n=64, 14x at n=256), the largest cost of a step after the model itself. `right=True` never
-    lands on a zero-probability index (masked by top-k or the unknown-symbol rule): a draw of
-    exactly 0 goes to the first index with mass. Float64 keeps the CDF's last step exact enough
-    that u < total always (the clamp is for rounding at 2**-53).
+    `u`: one uniform number in [0, 1) per row, on probs' device. `torch.multinomial` costs ~2 us
+    per row on CPU (8x this at n=64, 14x at n=256), the largest cost of a step after the model
+    itself. `right=True` never lands on a zero-probability index (masked by top-k or the
+    unknown-symbol rule): a draw of exactly 0 goes to the first index with mass. Float64 keeps
+    the CDF's last step exact enough that u < total always (the clamp is for rounding at 2**-53).
     """
     cdf = probs.cumsum(dim=-1, dtype=torch.float64)
-    u = torch.rand((probs.size(0), 1), generator=gen, device=probs.device, dtype=torch.float64)
-    idx = torch.searchsorted(cdf, u * cdf[:, -1:], right=True).squeeze(1)
+    idx = torch.searchsorted(cdf, u.reshape(-1, 1).double() * cdf[:, -1:], right=True).squeeze(1)
     return idx.clamp_(max=probs.size(-1) - 1)
 
 
@@ -95,18 +113,18 @@ def generate(
 ) -> list[SampleText]:
     """`config.num_samples` texts, each the prime plus `config.length` generated characters.
 
-    Same seed, options and model -> the same texts (a `torch.Generator` drives every draw).
-    A missing seed draws a fresh one: pass `config.seed` to reproduce a batch.
+    Same seed, options and model -> the same texts, on any device (`Uniforms`: every draw comes
+    from a CPU generator). A missing seed draws a fresh one: pass `config.seed` to reproduce a batch.
     """
     if len(vocab) != model.vocab_size:
         raise SamplingError(
             f"vocabulary has {len(vocab)} characters but the model expects {model.vocab_size}"
         )
-    dev = pick_device(device)
+    dev = resolve_device(device)
     model = model.to(dev).eval()
     n, length = config.num_samples, config.length
-    gen = torch.Generator(device=dev)
-    gen.manual_seed(config.seed if config.seed is not None else new_seed())
+    seed = config.seed if config.seed is not None else new_seed()
+    uniforms = None if config.greedy else Uniforms(seed, n, dev)
 
     prime = torch.tensor(prime_ids(vocab, config.prime), dtype=torch.long, device=dev)
     logits, state = model(prime.unsqueeze(0).expand(n, -1), model.init_state(n, dev))
@@ -119,7 +137,7 @@ def generate(
     out = torch.empty((n, length), dtype=torch.long, device=dev)
     nll = torch.zeros(n, dtype=torch.float64, device=dev)
     for t in range(length):
-        nxt = _choose(logits + never, config, gen)
+        nxt = _choose(logits + never, config, uniforms)
         out[:, t] = nxt
         # The model's own surprise at its choice, at temperature 1 (comparable to val loss).
         nll -= torch.log_softmax(logits, dim=-1).gather(1, nxt.unsqueeze(1)).squeeze(1)
@@ -202,10 +220,13 @@ def _options(config: SampleConfig) -> dict[str, Any]:
 def sample_records(
     samples: list[SampleText], *, run_id: str, batch_id: str, config: SampleConfig,
     checkpoint: dict[str, Any], language: str | None, style: codemetrics.IndentStyle | None = None,
+    device: str | None = None,
 ) -> Iterator[tuple[dict[str, Any], codemetrics.TextCounts]]:
     """One JSONL record per sample (see docs/sampling.md), with the counts behind its metrics.
 
     Indentation is checked against `style` (the corpus's) when given, else each text's own.
+    `device` is where the batch was made: the seed gives the same draws on every device, but
+    the logits may differ in their last bits from one device to another (docs/sampling.md).
     """
     created = datetime.now(UTC).isoformat()
     for s in samples:
@@ -219,6 +240,7 @@ def sample_records(
             "text": s.text,
             "options": _options(config),
             "seed": config.seed,
+            "device": device,
             "checkpoint": checkpoint,
             "language": language,
             "metrics": codemetrics.round_metrics(figures),
@@ -267,7 +289,7 @@ def run_sample_stage(
     language = corpus.main_language if corpus else None
     batch_id = secrets.token_hex(8)
     key = keys.samples(run_id, batch_id)
-    dev = pick_device(device)
+    dev = resolve_device(device)
     reporter.log(f"sampling {config.num_samples} x {config.length} chars on {dev} from step {ckpt.step}")
 
     started = time.perf_counter()
@@ -281,7 +303,7 @@ def run_sample_stage(
     checkpoint = {"key": checkpoint_key, "step": ckpt.step}
     records = sample_records(
         samples, run_id=run_id, batch_id=batch_id, config=config, checkpoint=checkpoint,
-        language=language, style=style,
+        language=language, style=style, device=str(dev),
     )
     size, sha256, counts = write_batch(storage, key, records)
     mean_bits = sum(s.bits_per_char for s in samples) / len(samples)
