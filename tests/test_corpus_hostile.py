@@ -13,6 +13,7 @@ import stat
 import pytest
 
 from schemas.corpus import CorpusConfig
+from schemas.errors import CorpusError
 from schemas.events import EventKind
 from schemas.repo import parse_repo_spec
 from tests.gitserver import (
@@ -23,7 +24,7 @@ from tests.gitserver import (
     write_files,
 )
 from workers import keys
-from workers.corpus import build_corpus_file, run_corpus_stage, run_fetch_stage
+from workers.corpus import build_corpus_file, run_corpus_stage, run_fetch_stage, sources
 from workers.progress import ListReporter
 from workers.storage import LocalStorage
 
@@ -131,3 +132,16 @@ def test_plain_folder_with_fifo_device_socket_and_links(tmp_path):
     expected |= {"fifo": "special-file", "sock": "special-file", **devices}
     assert {p: r for p, (r, _) in skipped.items()} == expected
     assert summary["repos"][0]["commit"] is None
+
+
+@pytest.mark.timeout(60)
+def test_git_blocked_by_a_fifo_gitattributes_fails_with_one_line(tmp_path, monkeypatch):
+    """git blocks opening a FIFO named .gitattributes; the timeout becomes a CorpusError."""
+    monkeypatch.setattr(sources, "GIT_TIMEOUT", 1.0)
+    folder = tmp_path / "plain"
+    write_files(folder, source_files())
+    os.mkfifo(folder / ".gitattributes")
+    with pytest.raises(CorpusError) as err:
+        build_corpus_file([str(folder)], CorpusConfig(), tmp_path / "c.txt", git_base_url="git://unused/")
+    assert str(err.value) == f"git check-attr timed out after 1s in {folder}"
+    assert not (tmp_path / "c.txt").exists()

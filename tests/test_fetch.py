@@ -7,6 +7,7 @@ import os
 import socket
 import subprocess
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -188,3 +189,88 @@ def test_local_repo_of_another_user_is_refused_not_read_as_a_folder(tmp_path):
     subprocess.run(["chown", "-R", "nobody", str(work)], check=True)
     with pytest.raises(RepoError, match="belongs to another user .*safe.directory"):
         _resolve(str(work), "git://unused/")
+
+
+def _processes_naming(text: str) -> list[int]:
+    """Live processes whose command line contains `text` (zombies have none)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and text.encode() in (entry / "cmdline").read_bytes():
+                pids.append(int(entry.name))
+        except OSError:
+            pass  # exited meanwhile
+    return pids
+
+
+def test_timeout_kills_git_helpers_too():
+    """Over http git runs a helper (git-remote-http); a timeout must not leave it behind."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    accepted: list[socket.socket] = []
+
+    def accept() -> None:
+        while True:
+            try:
+                accepted.append(listener.accept()[0])  # never answered
+            except OSError:
+                return
+
+    threading.Thread(target=accept, daemon=True).start()
+    base = f"http://127.0.0.1:{listener.getsockname()[1]}/"
+    try:
+        with pytest.raises(GitUnavailable, match="git timed out after 1s"):
+            resolve_repos([parse_repo_spec("acme/tarpit")], git_base_url=base, timeout=1)
+        # SIGKILL is delivered asynchronously: wait for the helpers to go, a bounded while.
+        for _ in range(100):
+            if not _processes_naming(base + "acme/tarpit"):
+                break
+            time.sleep(0.05)
+        assert _processes_naming(base + "acme/tarpit") == []
+    finally:
+        listener.close()
+        for conn in accepted:
+            conn.close()
+
+
+@pytest.mark.parametrize("rewrite", ["count", "parameters"])
+def test_git_variables_in_the_environment_cannot_let_ext_through(rewrite, monkeypatch, tmp_path,
+                                                                 git_server, widgets):
+    """GIT_CONFIG_* can rewrite a URL into ext:: and GIT_ALLOW_PROTOCOL can allow it: both dropped."""
+    marker = tmp_path / "pwned"
+    key = f"url.ext::sh -c touch% {marker}.insteadOf"
+    if rewrite == "count":
+        monkeypatch.setenv("GIT_CONFIG_COUNT", "1")
+        monkeypatch.setenv("GIT_CONFIG_KEY_0", key)
+        monkeypatch.setenv("GIT_CONFIG_VALUE_0", git_server.base_url)
+    else:
+        monkeypatch.setenv("GIT_CONFIG_PARAMETERS", f"'{key}'='{git_server.base_url}'")
+    monkeypatch.setenv("GIT_ALLOW_PROTOCOL", "ext:git:file")
+    repo = _resolve(widgets.name, git_server.base_url)
+    assert repo.commit == widgets.commit and not marker.exists()
+    checkout(repo, tmp_path / "co")
+    assert not marker.exists()
+
+
+def test_git_dir_in_the_environment_does_not_redirect_a_checkout(monkeypatch, tmp_path, git_server, widgets):
+    decoy = tmp_path / "decoy"
+    decoy_commit = make_repo(decoy, {"decoy.txt": b"decoy\n"})
+    before = sorted((decoy / ".git").rglob("*"))
+    monkeypatch.setenv("GIT_DIR", str(decoy / ".git"))
+    monkeypatch.setenv("GIT_WORK_TREE", str(decoy))
+    monkeypatch.setenv("GIT_INDEX_FILE", str(decoy / ".git" / "index"))
+    repo = _resolve(widgets.name, git_server.base_url)
+    root = checkout(repo, tmp_path / "co")
+    monkeypatch.delenv("GIT_DIR")
+    monkeypatch.delenv("GIT_WORK_TREE")
+    monkeypatch.delenv("GIT_INDEX_FILE")
+    assert _git(root, "rev-parse", "HEAD") == widgets.commit
+    assert (root / "src" / "util.c").read_bytes() == source_files()["src/util.c"]
+    assert _git(decoy, "rev-parse", "HEAD") == decoy_commit and sorted((decoy / ".git").rglob("*")) == before
+
+
+def test_checkout_checks_a_hand_built_address_like_resolving_does(git_log, tmp_path):
+    for url in ("file:///etc", "ext::sh -c id", "--upload-pack=id", "relative/path"):
+        repo = ResolvedRepo(spec=url, url=url, ref="main", commit="0" * 40)
+        with pytest.raises(InvalidSpec, match="refusing repo address"):
+            checkout(repo, tmp_path / "co")
+    assert not git_log.exists()

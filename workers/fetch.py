@@ -9,13 +9,17 @@ scratch directory with every door git could open shut (see docs/corpus.md, "Safe
 - `protocol.allow=never` plus an allow for the one protocol the URL uses (ext/fd never);
 - `core.symlinks=false` (links become small text files, which the corpus builder drops by their
   git mode), no submodules, no templates (no hooks), no tags;
-- no prompts (`GIT_TERMINAL_PROMPT=0`, ssh `BatchMode`) and a timeout on every call.
+- no prompts (`GIT_TERMINAL_PROMPT=0`, ssh `BatchMode`) and a timeout on every call, which
+  kills git's whole process group (remote helpers, index-pack, ssh), not just git;
+- no inherited `GIT_*` variables (they can allow protocols, point at another repository or
+  rewrite the configuration), except the few `git_env` keeps on purpose.
 """
 
 from __future__ import annotations
 
 import os
 import re
+import signal
 import subprocess
 from collections.abc import Sequence
 from pathlib import Path
@@ -48,9 +52,20 @@ class GitUnavailable(TransientError):
     """The git server could not be reached (refused, timed out, DNS): worth retrying."""
 
 
+# GIT_* variables kept from the environment: where to find CA certificates changes nothing of
+# what git may do. Every other GIT_* is dropped: GIT_ALLOW_PROTOCOL overrides protocol.allow,
+# GIT_DIR / GIT_WORK_TREE / GIT_INDEX_FILE point git at another repository, GIT_CONFIG_* and
+# GIT_CONFIG_PARAMETERS rewrite its configuration (url.*.insteadOf can turn a URL into ext::).
+_KEPT_GIT_VARS = frozenset({"GIT_SSL_CAINFO", "GIT_SSL_CAPATH"})
+
+
 def git_env() -> dict[str, str]:
-    """The environment every git call runs with: English messages, no prompts of any kind."""
-    env = {k: v for k, v in os.environ.items() if k not in ("GIT_ASKPASS", "SSH_ASKPASS")}
+    """The environment every git call runs with: English messages, no prompts of any kind, and
+    no inherited `GIT_*` variable but the ones set here (and `_KEPT_GIT_VARS`)."""
+    env = {
+        k: v for k, v in os.environ.items()
+        if k not in ("GIT_ASKPASS", "SSH_ASKPASS") and (not k.startswith("GIT_") or k in _KEPT_GIT_VARS)
+    }
     env.update(
         LC_ALL="C",
         LANGUAGE="C",
@@ -61,6 +76,36 @@ def git_env() -> dict[str, str]:
         GIT_ATTR_NOSYSTEM="1",
     )
     return env
+
+
+def run_git_process(
+    argv: Sequence[str], *, timeout: float, cwd: Path | None = None, data: bytes | None = None
+) -> subprocess.CompletedProcess[bytes]:
+    """Run a git command line in a session of its own, with `git_env()`.
+
+    On a timeout (or any interruption) the whole process group is killed: `subprocess.run`
+    would kill git alone and leave its helpers (git-remote-https, index-pack, ssh) running.
+    Raises `subprocess.TimeoutExpired`; callers turn it into their own error.
+    """
+    with subprocess.Popen(
+        list(argv), cwd=cwd, env=git_env(), start_new_session=True,
+        stdin=subprocess.DEVNULL if data is None else subprocess.PIPE,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    ) as proc:
+        try:
+            out, err = proc.communicate(data, timeout=timeout)
+        except BaseException:
+            _kill_group(proc)
+            raise
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def _kill_group(proc: subprocess.Popen[bytes]) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)  # git is not reaped yet, so its group still exists
+    except ProcessLookupError:
+        pass
+    proc.wait()
 
 
 def _protocol_args(url: str) -> list[str]:
@@ -88,12 +133,13 @@ def _run_git(
 ) -> subprocess.CompletedProcess[str]:
     """Run git with our safe options; a timeout becomes `GitUnavailable` naming `what`."""
     try:
-        return subprocess.run(
-            ["git", *_SAFE, *args], cwd=cwd, env=git_env(), capture_output=True, text=True,
-            timeout=timeout, stdin=subprocess.DEVNULL, errors="replace", check=False,
-        )
+        proc = run_git_process(["git", *_SAFE, *args], timeout=timeout, cwd=cwd)
     except subprocess.TimeoutExpired:
         raise GitUnavailable(f"git timed out after {timeout:.0f}s on {what}") from None
+    return subprocess.CompletedProcess(
+        proc.args, proc.returncode, proc.stdout.decode("utf-8", "replace"),
+        proc.stderr.decode("utf-8", "replace"),
+    )
 
 
 def _last_error(stderr: str) -> str:
@@ -114,13 +160,16 @@ def _raise_for(proc: subprocess.CompletedProcess[str], spec: str, url: str) -> N
     raise RepoError(f"git failed for {spec} ({url}): {_last_error(proc.stderr)}")
 
 
-def _checked_url(repo: RepoSpec, git_base_url: str) -> str:
-    """The URL git is given, checked again here: specs may arrive without `parse_repo_spec`."""
-    url = repo.url(git_base_url)
+_SCP_URL = re.compile(r"^[A-Za-z0-9_.-]+@[A-Za-z0-9_.-]+:[A-Za-z0-9_./~-]+$")
+
+
+def checked_url(url: str, spec: str) -> str:
+    """`url` if git may be given it: an https/http/ssh/git URL or `user@host:path`, never an
+    option or a remote helper. Checked here again because specs (and resolved repos) may arrive
+    without `parse_repo_spec`; the one check for every remote address git is handed."""
     allowed = ("https://", "http://", "ssh://", "git://")
-    scp = re.match(r"^[A-Za-z0-9_.-]+@[A-Za-z0-9_.-]+:[A-Za-z0-9_./~-]+$", url)
-    if url.startswith("-") or "::" in url or not (url.startswith(allowed) or scp):
-        raise InvalidSpec(f"refusing repo address {url!r} for spec {repo.spec!r}")
+    if url.startswith("-") or "::" in url or not (url.startswith(allowed) or _SCP_URL.match(url)):
+        raise InvalidSpec(f"refusing repo address {url!r} for spec {spec!r}")
     return url
 
 
@@ -143,7 +192,7 @@ def _pick_commit(listing: str, ref: str | None) -> tuple[str | None, str | None]
 
 
 def _resolve_remote(repo: RepoSpec, git_base_url: str, timeout: float) -> ResolvedRepo:
-    url = _checked_url(repo, git_base_url)
+    url = checked_url(repo.url(git_base_url), repo.spec)
     if repo.ref is None:
         args = ["ls-remote", "--symref", "--", url, "HEAD"]
     else:
@@ -272,8 +321,8 @@ def checkout(repo: ResolvedRepo, dest: Path, *, timeout: float = CLONE_TIMEOUT) 
             raise RepoError(f"local repository no longer tracks any files: {repo.spec} ({url})")
         top, prefix = work
         url = top.as_uri()  # file:// so that --depth is honoured
-    elif url.startswith("-") or "::" in url:
-        raise InvalidSpec(f"refusing repo address {url!r} for spec {repo.spec!r}")
+    else:
+        checked_url(url, repo.spec)
     if repo.ref is not None and _COMMIT.match(repo.ref):
         _fetch_commit(url, repo.commit, dest, repo.spec, timeout)
     else:

@@ -16,9 +16,9 @@ from pathlib import Path
 
 from schemas.errors import CorpusError
 from workers.corpus import paths as P
-from workers.fetch import git_env
+from workers.fetch import run_git_process
 
-GIT_TIMEOUT = 300.0
+GIT_TIMEOUT = 300.0  # seconds per local git call (2048 paths at most)
 
 
 @dataclass(slots=True)
@@ -60,20 +60,26 @@ class GitView:
         self.plain_git_dir = plain_git_dir
         self._ready = plain_git_dir is None
 
-    def _git(self, args: Sequence[str], data: bytes = b"") -> bytes:
+    def _git(self, args: Sequence[str], data: bytes | None = None) -> bytes:
         prefix = ["git", "-c", "core.attributesFile=/dev/null", "-c", "core.excludesFile=/dev/null",
                   "-c", "core.fsmonitor=false"]
         if self.plain_git_dir is not None:
             if not self._ready:
-                subprocess.run(["git", "init", "--quiet", "--bare", "--template=", str(self.plain_git_dir)],
-                               env=git_env(), check=True, capture_output=True, timeout=GIT_TIMEOUT)
+                self._run(["git", "init", "--quiet", "--bare", "--template=", str(self.plain_git_dir)], "init")
                 self._ready = True
             prefix += [f"--git-dir={self.plain_git_dir}", f"--work-tree={self.root}"]
-        proc = subprocess.run([*prefix, *args], cwd=self.root, env=git_env(), input=data,
-                              capture_output=True, timeout=GIT_TIMEOUT, check=False)
+        return self._run([*prefix, *args], args[0], data)
+
+    def _run(self, argv: list[str], what: str, data: bytes | None = None) -> bytes:
+        try:
+            proc = run_git_process(argv, timeout=GIT_TIMEOUT, cwd=self.root, data=data)
+        except subprocess.TimeoutExpired:
+            # Local git on a tree of ours: slow storage, or a FIFO named .gitattributes/.gitignore
+            # in a plain folder (git blocks reading it). Retrying the same tree cannot help.
+            raise CorpusError(f"git {what} timed out after {GIT_TIMEOUT:.0f}s in {self.root}") from None
         if proc.returncode not in (0, 1):  # check-ignore exits 1 when nothing is ignored
             msg = proc.stderr.decode("utf-8", "replace").strip().splitlines()
-            raise CorpusError(f"git {args[0]} failed in {self.root}: {(msg or ['?'])[-1]}")
+            raise CorpusError(f"git {what} failed in {self.root}: {(msg or ['?'])[-1]}")
         return proc.stdout
 
     def attributes(self, rels: Sequence[str]) -> dict[str, P.Attributes]:
