@@ -52,7 +52,7 @@ class ModelConfig(Frozen):
     # Dropout between recurrent layers and before the head (char-rnn's placement).
     dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
     # 0 means "same as rnn_size".
-    embedding_size: int = Field(default=0, ge=0)
+    embedding_size: int = Field(default=0, ge=0, le=8192)
 
 
 class TrainConfig(Frozen):
@@ -87,6 +87,10 @@ class TrainConfig(Frozen):
     # Validation reads at most this many characters of the held-out tail (from its start).
     eval_max_chars: int = Field(default=500_000, gt=0)
     checkpoint_every: int = Field(default=1000, gt=0)
+    # Also checkpoint (at the next step boundary) once this much wall time has passed since the
+    # last checkpoint: 1000 steps of a big network on a CPU take hours, and a run killed before
+    # its first checkpoint restarts from step 0. Durations as for `time_budget`; 0 turns it off.
+    checkpoint_every_seconds: float = Field(default=600.0, ge=0)
     # Checkpoints kept: the last `keep_last` plus the best by validation loss.
     keep_last: int = Field(default=3, ge=1)
     # Train loss, lr and chars/s are reported every `log_every` steps.
@@ -109,6 +113,11 @@ class TrainConfig(Frozen):
     @classmethod
     def _duration(cls, value: Any) -> float | None:
         return parse_duration(value)
+
+    @field_validator("checkpoint_every_seconds", mode="before")
+    @classmethod
+    def _interval(cls, value: Any) -> float:
+        return parse_duration(value) or 0.0  # "none"/"off" turn it off, as 0 does
 
     @field_validator("max_epochs", mode="before")
     @classmethod

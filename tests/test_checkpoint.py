@@ -109,6 +109,64 @@ def test_other_files_are_refused(tmp_path: Path) -> None:
         load_checkpoint(storage, "missing.pt")
 
 
+@pytest.mark.parametrize(("change", "difference"), [
+    # ~34 GB of LSTM if it were built: refused from the shapes alone, before any allocation.
+    ({"num_layers": 16, "rnn_size": 8192}, "embed.weight is [11, 32], the config needs [11, 8192]"),
+    ({"model": "gru"}, "core.weight_ih_l0 is [128, 32], the config needs [96, 32]"),
+    ({"model": "rnn", "num_layers": 1}, "core.weight_ih_l0 is [128, 32], the config needs [32, 32]"),
+    ({"embedding_size": 8}, "embed.weight is [11, 32], the config needs [11, 8]"),
+])
+def test_config_that_disagrees_with_its_weights_is_refused(
+    tmp_path: Path, change: dict, difference: str
+) -> None:
+    storage = LocalStorage(tmp_path)
+    ckpt = _checkpoint()
+    ckpt.model_config = ckpt.model_config.model_copy(update=change)
+    key = keys.checkpoint(RUN, 7)
+    save_checkpoint(storage, key, ckpt)
+    with pytest.raises(TrainingError, match="does not match the weights it holds") as err:
+        load_checkpoint(storage, key)
+    assert str(err.value).endswith(f"(9,163 parameters; {difference})")
+
+
+def test_weights_missing_or_extra_are_refused(tmp_path: Path) -> None:
+    storage = LocalStorage(tmp_path)
+    ckpt = _checkpoint()
+    ckpt.state_dict = {k: v for k, v in ckpt.state_dict.items() if k != "head.bias"}
+    save_checkpoint(storage, keys.checkpoint(RUN, 7), ckpt)
+    with pytest.raises(TrainingError, match=r"head\.bias is missing\)$"):
+        load_checkpoint(storage, keys.checkpoint(RUN, 7))
+    ckpt = _checkpoint()
+    ckpt.state_dict = {**ckpt.state_dict, "core.weight_ih_l1": torch.zeros(128, 32)}
+    save_checkpoint(storage, keys.checkpoint(RUN, 7), ckpt)
+    with pytest.raises(TrainingError, match=r"core\.weight_ih_l1 is not part of that network\)$"):
+        load_checkpoint(storage, keys.checkpoint(RUN, 7))
+
+
+def test_vocabulary_that_disagrees_with_the_weights_is_refused(tmp_path: Path) -> None:
+    storage = LocalStorage(tmp_path)
+    ckpt = _checkpoint()
+    ckpt.vocab = Vocab.from_text("abc")
+    save_checkpoint(storage, keys.checkpoint(RUN, 7), ckpt)
+    with pytest.raises(TrainingError, match=r"vocabulary 4, .*embed\.weight is \[11, 32\], the config needs \[4, 32\]"):
+        load_checkpoint(storage, keys.checkpoint(RUN, 7))
+
+
+def test_old_checkpoints_with_the_scaler_under_scheduler_still_load(tmp_path: Path) -> None:
+    storage = LocalStorage(tmp_path)
+    key = keys.checkpoint(RUN, 7)
+    save_checkpoint(storage, key, _checkpoint())
+    with storage.local_path(key) as path:
+        payload = torch.load(path, weights_only=True)
+    scaler = {"scale": 1024.0, "growth_factor": 2.0, "backoff_factor": 0.5,
+              "growth_interval": 2000, "_growth_tracker": 3}
+    payload["scheduler"] = {"scaler": scaler}  # how version 1 files were first written
+    del payload["scaler"]
+    with storage.writer(key) as out:
+        torch.save(payload, out)
+    assert load_checkpoint(storage, key).scaler_state == scaler
+
+
 def test_keeps_last_k_and_the_best(tmp_path: Path) -> None:
     storage = LocalStorage(tmp_path)
     losses = {10: 2.0, 20: 1.0, 30: 1.5, 40: 1.7, 50: 1.6}

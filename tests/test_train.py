@@ -168,22 +168,74 @@ def test_time_budget_stops_cleanly_with_a_final_checkpoint(tmp_path: Path) -> No
     storage = LocalStorage(tmp_path)
     corpus = make_corpus(storage, code_text(2048))
     train = TINY_TRAIN.model_copy(update={"max_iters": 10**9, "time_budget": 0.5})
-    result = run_train_stage(storage, "0f0f09", corpus, TINY_MODEL, train, ListReporter(),
+    reporter = ListReporter()
+    result = run_train_stage(storage, "0f0f09", corpus, TINY_MODEL, train, reporter,
                              num_threads=1)
     assert result.stop_reason == "time_budget"
     ckpt = load_checkpoint(storage, result.checkpoint_key)
     assert ckpt.step == result.final_step and ckpt.info["finished"] is True
     assert ckpt.val_loss == result.final_val_loss
+    # The bar's total is the step the budget is expected to end at (step / elapsed fraction),
+    # not max_iters; it completes at the step the run stopped at.
+    *during, last = reporter.of(EventKind.PROGRESS)
+    assert during and all(p["step"] <= p["total"] < 10**9 for p in during)
+    assert all(0 < p["fraction"] <= 1 for p in during)
+    assert all(p["total"] == pytest.approx(p["step"] / p["fraction"], rel=0.01) for p in during
+               if p["fraction"] < 1)  # fraction is rounded to 4 places
+    assert (last["step"], last["total"], last["stop_reason"]) == (result.final_step,) * 2 + ("time_budget",)
 
 
 def test_max_epochs_and_random_batching(tmp_path: Path) -> None:
     storage = LocalStorage(tmp_path)
     corpus = make_corpus(storage, code_text(2048))
     train = TINY_TRAIN.model_copy(update={"max_epochs": 2.0, "batching": "random"})
-    result = run_train_stage(storage, "0f0f0a", corpus, TINY_MODEL, train, ListReporter(),
+    reporter = ListReporter()
+    result = run_train_stage(storage, "0f0f0a", corpus, TINY_MODEL, train, reporter,
                              num_threads=1)
-    # 2 epochs of ~1945 training characters at 16 x 32 characters a step
+    # 2 epochs of 1946 training characters (2048 less the 5% tail) at 16 x 32 characters a step
     assert result.stop_reason == "max_epochs" and result.final_step == 8
+    # An epoch limit is a fixed number of steps: the total is right from the first report.
+    progress = reporter.of(EventKind.PROGRESS)
+    assert [(p["step"], p["total"]) for p in progress] == [(5, 8), (8, 8)]
+    assert progress[0]["fraction"] == round(5 * 16 * 32 / 1946 / 2, 4)
+
+
+def test_progress_total_is_max_iters_without_other_limits(tmp_path: Path) -> None:
+    storage = LocalStorage(tmp_path)
+    corpus = make_corpus(storage, code_text(2048))
+    reporter = ListReporter()
+    run_train_stage(storage, "0f0f0c", corpus, TINY_MODEL, TINY_TRAIN, reporter, num_threads=1)
+    progress = reporter.of(EventKind.PROGRESS)
+    assert [(p["step"], p["total"]) for p in progress] == [(s, 60) for s in range(5, 61, 5)] + [(60, 60)]
+    assert [p["fraction"] for p in progress[:-1]] == [round(s / 60, 4) for s in range(5, 61, 5)]
+
+
+@pytest.mark.parametrize("where", ["moving the network", "restoring a checkpoint"])
+def test_out_of_gpu_memory_outside_the_loop_is_a_training_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, where: str
+) -> None:
+    """CUDA OOM cannot be caused on a CPU machine: the fault is injected where it would happen."""
+    storage = LocalStorage(tmp_path)
+    corpus = make_corpus(storage, code_text(2048))
+    if where == "restoring a checkpoint":  # a run with a checkpoint to resume from
+        train = TINY_TRAIN.model_copy(update={"max_iters": 20, "checkpoint_every": 10})
+        run_train_stage(storage, "0f0f0d", corpus, TINY_MODEL, train, ListReporter(), num_threads=1)
+        storage.put_bytes(keys.latest_checkpoint("0f0f0d"), json.dumps(
+            {"latest": {"step": 10, "key": keys.checkpoint("0f0f0d", 10), "val_loss": None},
+             "best": None, "kept": []}).encode())
+
+    def out_of_memory(*_args: object, **_kwargs: object) -> None:
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 34.00 GiB")
+
+    target = "_state_from_list" if where == "restoring a checkpoint" else "CharRNN.to"
+    monkeypatch.setattr(f"workers.train.{target}", out_of_memory)
+    with pytest.raises(TrainingError) as err:
+        run_train_stage(storage, "0f0f0d", corpus, TINY_MODEL, TINY_TRAIN, ListReporter(),
+                        num_threads=1)
+    assert err.value.message == (
+        "out of GPU memory training a 1x32 lstm network (10.1k parameters, vocabulary 26) with "
+        "batch_size=16, seq_length=32: lower batch_size, seq_length or rnn_size"
+    )
 
 
 def test_corpus_too_small_for_the_batch_shape(tmp_path: Path) -> None:

@@ -88,3 +88,42 @@ def test_resuming_a_finished_run_trains_no_more(tmp_path: Path) -> None:
     second = run_train_stage(storage, "cccc03", corpus, model, train, again, num_threads=1)
     assert second.model_dump() | {"chars_per_sec": 0} == first.model_dump() | {"chars_per_sec": 0}
     assert again.of(EventKind.METRIC) == [] and again.of(EventKind.ARTIFACT) == []
+
+
+def test_wall_clock_checkpoints_come_before_checkpoint_every_and_resume_bit_for_bit(
+    tmp_path: Path,
+) -> None:
+    """`checkpoint_every_seconds`: a run killed long before `checkpoint_every` resumes from its
+    last timed checkpoint, and the extra checkpoints (each after a validation pass) change
+    nothing in the training itself."""
+    storage = LocalStorage(tmp_path)
+    corpus = make_corpus(storage, code_text(4096))
+    base = PRESETS["tiny"][1].model_copy(update={
+        "max_iters": 30, "log_every": 1, "eval_val_every": 1000, "checkpoint_every": 1000,
+        "keep_last": 1, "warmup_iters": 5, "checkpoint_every_seconds": 0,
+    })
+    kwargs: dict[str, Any] = {"device": "cpu", "num_threads": 1}
+    plain = ListReporter()
+    expected = run_train_stage(storage, "dddd01", corpus, MODEL, base, plain, **kwargs)
+    assert [a["meta"]["step"] for a in plain.of(EventKind.ARTIFACT)] == [30]  # 0 turns it off
+
+    # A microsecond: every step (a few ms here) ends past it, so each step boundary checkpoints.
+    timed = base.model_copy(update={"checkpoint_every_seconds": 1e-6})
+    dying = DyingReporter(die_at=13)
+    with pytest.raises(Killed):
+        run_train_stage(storage, "dddd02", corpus, MODEL, timed, dying, **kwargs)
+    assert [a["meta"]["step"] for a in dying.of(EventKind.ARTIFACT)] == list(range(1, 13))
+    assert find_checkpoint(storage, "dddd02") == keys.checkpoint("dddd02", 12)
+
+    resumed = ListReporter()
+    result = run_train_stage(storage, "dddd02", corpus, MODEL, timed, resumed, **kwargs)
+
+    def training(reporter: ListReporter) -> list[tuple[int, str, float]]:
+        return [h for h in history(reporter) if h[1] != "val_loss"]
+
+    assert training(resumed)[0][0] == 13
+    assert training(dying) + training(resumed) == training(plain)
+    assert (result.final_step, result.final_train_loss) == (expected.final_step, expected.final_train_loss)
+    a = load_checkpoint(storage, expected.checkpoint_key).state_dict
+    b = load_checkpoint(storage, result.checkpoint_key).state_dict
+    assert all(torch.equal(a[name], b[name]) for name in a)

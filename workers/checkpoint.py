@@ -14,6 +14,7 @@ It is written after the step file it names, so it never points at a missing obje
 from __future__ import annotations
 
 import json
+import math
 import pickle
 import re
 from dataclasses import dataclass, field
@@ -46,7 +47,9 @@ class Checkpoint:
     train_loss: float | None = None
     # Everything a resume needs to continue bit-for-bit (see workers/train.py).
     optimizer_state: dict[str, Any] | None = None
-    scheduler_state: dict[str, Any] = field(default_factory=dict)
+    # The fp16 grad scaler's state ({} when the run did not use one). Files written before it
+    # had this name held it as {"scaler": state} under "scheduler"; they still load.
+    scaler_state: dict[str, Any] = field(default_factory=dict)
     rng_state: dict[str, Any] = field(default_factory=dict)
     data_state: dict[str, Any] = field(default_factory=dict)
     # Plain facts for people and tools: run id, corpus hash, chars seen, stop reason, ...
@@ -80,7 +83,7 @@ def save_checkpoint(storage: Storage, key: str, ckpt: Checkpoint) -> ObjectInfo:
         "meta": _meta(ckpt),
         "model": {k: v.detach() for k, v in ckpt.state_dict.items()},
         "optimizer": ckpt.optimizer_state,
-        "scheduler": ckpt.scheduler_state,
+        "scaler": ckpt.scaler_state,
         "rng": ckpt.rng_state,
         "data": ckpt.data_state,
     }
@@ -111,7 +114,7 @@ def load_checkpoint(
         raise _refuse(key, f"format version {payload.get('version')} (this charforge reads {VERSION})")
     try:
         meta = json.loads(payload["meta"])
-        return Checkpoint(
+        ckpt = Checkpoint(
             model_config=ModelConfig.model_validate(meta["model_config"]),
             train_config=TrainConfig.model_validate(meta["train_config"]),
             vocab=Vocab.from_list(meta["vocab"]),
@@ -121,13 +124,51 @@ def load_checkpoint(
             best_val_loss=meta.get("best_val_loss"),
             train_loss=meta.get("train_loss"),
             optimizer_state=payload.get("optimizer"),
-            scheduler_state=payload.get("scheduler") or {},
+            scaler_state=payload.get("scaler") or (payload.get("scheduler") or {}).get("scaler") or {},
             rng_state=payload.get("rng") or {},
             data_state=payload.get("data") or {},
             info=meta.get("info") or {},
         )
-    except (KeyError, TypeError, ValueError, ValidationError) as err:
+    except (KeyError, TypeError, ValueError, AttributeError, ValidationError) as err:
         raise _refuse(key, f"damaged metadata ({type(err).__name__}: {err})".splitlines()[0]) from None
+    _check_weights(key, ckpt)
+    return ckpt
+
+
+def _check_weights(key: str, ckpt: Checkpoint) -> None:
+    """Refuse a checkpoint whose config does not describe the weights it holds.
+
+    The network is built from the config (sampling, resume, --init-from), so a config that
+    claims far more than the file holds (16x8192 is ~34 GB) would be allocated before
+    load_state_dict noticed. The expected shapes come from a network on the meta device, which
+    allocates nothing.
+    """
+    with torch.device("meta"):
+        expected = CharRNN(len(ckpt.vocab), ckpt.model_config).state_dict()
+    state = ckpt.state_dict
+    if not isinstance(state, dict) or not all(isinstance(t, torch.Tensor) for t in state.values()):
+        raise _refuse(key, "its weights are not a dict of tensors")
+    got = {name: tuple(t.shape) for name, t in state.items()}
+    want = {name: tuple(t.shape) for name, t in expected.items()}
+    if got != want:
+        m = ckpt.model_config
+        raise _refuse(
+            key,
+            f"its config ({m.num_layers}x{m.rnn_size} {m.model}, vocabulary {len(ckpt.vocab)}, "
+            f"{sum(math.prod(s) for s in want.values()):,} parameters) does not match the "
+            f"weights it holds ({sum(math.prod(s) for s in got.values()):,} parameters; "
+            f"{_first_difference(got, want)})",
+        )
+
+
+def _first_difference(got: dict[str, tuple[int, ...]], want: dict[str, tuple[int, ...]]) -> str:
+    for name, shape in want.items():
+        if name not in got:
+            return f"{name} is missing"
+        if got[name] != shape:
+            return f"{name} is {list(got[name])}, the config needs {list(shape)}"
+    extra = next(name for name in got if name not in want)
+    return f"{extra} is not part of that network"
 
 
 # --- latest.json: which checkpoints a run has ------------------------------------------------

@@ -10,9 +10,11 @@ one that was never interrupted (tests/test_train_resume.py). See docs/training.m
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -84,7 +86,9 @@ def run_train_stage(
         reporter.log(f"starting from the weights of {init_from} (step {start.step})")
     data = prepare_corpus(storage, corpus, train, vocab)
     reporter.log(f"corpus: {data.length} characters, vocabulary of {len(data.vocab)}")
-    with storage.local_path(data.key) as path:
+    with storage.local_path(data.key) as path, _out_of_memory(model, len(data.vocab), train):
+        # Moving the network and a checkpoint's state to the device can run out of GPU memory
+        # as surely as a training step: all of it reports the same TrainingError.
         ids = np.memmap(path, dtype=data.dtype, mode="r", shape=(data.length,))
         trainer = Trainer(storage, run_id, ids, data.vocab, model, train, reporter, dev)
         trainer.info["corpus_hash"] = corpus.hash
@@ -93,6 +97,25 @@ def run_train_stage(
         elif start is not None:
             trainer.model.load_state_dict(start.state_dict)
         return trainer.run()
+
+
+@contextlib.contextmanager
+def _out_of_memory(model: ModelConfig, vocab_size: int, train: TrainConfig) -> Iterator[None]:
+    try:
+        yield
+    except torch.OutOfMemoryError:
+        raise TrainingError(oom_message(model, vocab_size, train)) from None
+
+
+def oom_message(model: ModelConfig, vocab_size: int, train: TrainConfig) -> str:
+    with torch.device("meta"):  # counts parameters without allocating them
+        params = count_parameters(CharRNN(vocab_size, model))
+    count = f"{params / 1e6:.1f}M" if params >= 1e6 else f"{params / 1e3:.1f}k"
+    return (
+        f"out of GPU memory training a {_describe(model)} network ({count} "
+        f"parameters, vocabulary {vocab_size}) with batch_size={train.batch_size}, "
+        f"seq_length={train.seq_length}: lower batch_size, seq_length or rnn_size"
+    )
 
 
 def default_threads() -> int:
@@ -142,7 +165,9 @@ class Counters:
     train_loss: float | None = None
     val_loss: float | None = None
     best_val_loss: float | None = None
-    elapsed: float = 0.0  # wall seconds of earlier attempts (the time budget spans them)
+    # Wall seconds of the run when the checkpoint was written, over all attempts: a resumed
+    # attempt adds its own time to it (the time budget spans attempts).
+    elapsed: float = 0.0
     train_seconds: float = 0.0  # seconds spent in training steps, for chars/s
     chars_seen: int = 0
     unlogged: list[float] = field(default_factory=list)  # losses since the last train_loss report
@@ -210,51 +235,65 @@ class Trainer:
 
     def run(self) -> TrainResult:
         self.model.train()
-        began = time.monotonic()
-        self._interval = (began, self.c.train_seconds, self.c.chars_seen)
+        # This attempt's start, and the wall clock of the last checkpoint (checkpoint_every_seconds).
+        self._began = self._saved_at = time.monotonic()
+        self._interval = (self.c.train_seconds, self.c.chars_seen)  # chars/s since the last log
         chars_per_step = self.train.batch_size * self.train.seq_length
         reason = self._stop_reason(self.c.elapsed)
-        try:
-            while reason is None:
-                elapsed = self.c.elapsed + time.monotonic() - began
-                lr = lr_at(self.train, self.c.step + 1, self._progress(elapsed))
-                t0 = time.perf_counter()
-                loss = self._step(lr)
-                self.c.step += 1
-                self.c.chars_seen += chars_per_step
-                self._unchecked.append((self.c.step, loss))
-                if self.c.step % self.train.log_every == 0:
-                    self._log(lr, self.c.train_seconds + time.perf_counter() - t0)
-                self.c.train_seconds += time.perf_counter() - t0
-                reason = self._stop_reason(self.c.elapsed + time.monotonic() - began)
-                self._after_step(reason, self.c.elapsed + time.monotonic() - began)
-            if not self.info.get("finished"):
-                self._after_step(reason, self.c.elapsed + time.monotonic() - began)
-        except torch.OutOfMemoryError:
-            raise TrainingError(self._oom_message()) from None
+        while reason is None:
+            lr = lr_at(self.train, self.c.step + 1, self._progress(self._elapsed()))
+            t0 = time.perf_counter()
+            loss = self._step(lr)
+            self.c.step += 1
+            self.c.chars_seen += chars_per_step
+            self._unchecked.append((self.c.step, loss))
+            if self.c.step % self.train.log_every == 0:
+                self._log(lr, self.c.train_seconds + time.perf_counter() - t0)
+            self.c.train_seconds += time.perf_counter() - t0
+            reason = self._stop_reason(self._elapsed())
+            self._after_step(reason, self._elapsed())
+        if not self.info.get("finished"):
+            self._after_step(reason, self._elapsed())
         return _result(self._last_checkpoint, self._pointer)
+
+    def _elapsed(self) -> float:
+        """Wall seconds of the whole run: earlier attempts plus this one."""
+        return self.c.elapsed + time.monotonic() - self._began
+
+    def _checkpoint_due(self, step: int) -> bool:
+        """Every `checkpoint_every` steps, and at the first step boundary after
+        `checkpoint_every_seconds` of wall time since the last one (or since this attempt began),
+        so a slow run killed early loses minutes, not hours."""
+        t = self.train
+        if step % t.checkpoint_every == 0:
+            return True
+        seconds = t.checkpoint_every_seconds
+        return seconds > 0 and time.monotonic() - self._saved_at >= seconds
 
     def _after_step(self, reason: str | None, elapsed: float) -> None:
         step, t = self.c.step, self.train
-        checkpoint = reason is not None or step % t.checkpoint_every == 0
+        checkpoint = reason is not None or self._checkpoint_due(step)
         if checkpoint or step % t.eval_val_every == 0:
             self._check_losses()
             self._evaluate()
         if checkpoint:
             self.info.update(finished=reason is not None, stop_reason=reason)
             self._checkpoint(elapsed)
-        if reason is not None:  # a time budget or epoch limit ends the run before max_iters
+            self._saved_at = time.monotonic()
+        if reason is not None:  # the run ends, at whichever limit: the bar completes at this step
             self.reporter.progress(step, step, stop_reason=reason)
             self.reporter.log(f"stopped at step {step} ({reason.replace('_', ' ')})")
 
-    def _oom_message(self) -> str:
-        t = self.train
-        return (
-            f"out of GPU memory training a {_describe(self.model_config)} network "
-            f"({count_parameters(self.model) / 1e6:.1f}M parameters, vocabulary {len(self.vocab)}) "
-            f"with batch_size={t.batch_size}, seq_length={t.seq_length}: lower batch_size, "
-            "seq_length or rnn_size"
-        )
+    def _expected_steps(self, elapsed: float) -> int:
+        """The step the run will stop at: `max_iters`, or, when a time budget or an epoch limit
+        will end it sooner, `step / progress` (progress being the fraction the learning-rate
+        schedule uses), so step/total on a progress bar reads as that fraction. Re-estimated at
+        every report, from the run's average pace so far."""
+        step, limit = self.c.step, self.train.max_iters
+        progress = self._progress(elapsed)
+        if step == 0 or progress <= step / limit:
+            return limit
+        return min(limit, max(step, round(step / progress)))
 
     # --- guards, metrics, evaluation ----------------------------------------------------------
 
@@ -281,15 +320,17 @@ class Trainer:
 
     def _log(self, lr: float, train_seconds: float) -> None:
         self._check_losses()
-        t_began, secs0, chars0 = self._interval
+        secs0, chars0 = self._interval
         secs = train_seconds - secs0
         rate = (self.c.chars_seen - chars0) / secs if secs > 0 else 0.0
-        self._interval = (t_began, train_seconds, self.c.chars_seen)
+        self._interval = (train_seconds, self.c.chars_seen)
         self.c.train_loss = sum(self.c.unlogged) / len(self.c.unlogged)
         self.c.unlogged.clear()
         self.reporter.metric(self.c.step, train_loss=self.c.train_loss, lr=lr, chars_per_sec=rate)
+        elapsed = self._elapsed()
         self.reporter.progress(
-            self.c.step, self.train.max_iters, epoch=round(self.batches.epochs_done, 4)
+            self.c.step, self._expected_steps(elapsed), epoch=round(self.batches.epochs_done, 4),
+            fraction=round(min(1.0, self._progress(elapsed)), 4),
         )
 
     def _evaluate(self) -> None:
@@ -319,7 +360,7 @@ class Trainer:
             state_dict=self.model.state_dict(), step=step, val_loss=self.c.val_loss,
             best_val_loss=self.c.best_val_loss, train_loss=self.c.train_loss,
             optimizer_state=self.optimizer.state_dict(),
-            scheduler_state={"scaler": self.scaler.state_dict()},
+            scaler_state=self.scaler.state_dict(),
             rng_state=rng,
             data_state={**self.batches.state(), "hidden": _state_list(self.hidden),
                         "counters": counters},
@@ -344,8 +385,8 @@ class Trainer:
         self.model.load_state_dict(ckpt.state_dict)
         if ckpt.optimizer_state is not None:
             self.optimizer.load_state_dict(ckpt.optimizer_state)
-        if ckpt.scheduler_state.get("scaler"):
-            self.scaler.load_state_dict(ckpt.scheduler_state["scaler"])
+        if ckpt.scaler_state:
+            self.scaler.load_state_dict(ckpt.scaler_state)
         torch.set_rng_state(ckpt.rng_state["torch"])
         self.data_rng.set_state(ckpt.rng_state["data"])
         if "cuda" in ckpt.rng_state and self.device.type == "cuda":
