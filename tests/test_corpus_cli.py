@@ -98,3 +98,40 @@ def test_output_inside_the_folder_is_never_read(tmp_path):
         assert out.read_text() == "# a.py\na = 1\n"
     manifest = json.loads((tmp_path / "corpus.txt.manifest.json").read_text())
     assert [f["path"] for f in manifest["files"]] == ["a.py"] and manifest["skipped"] == []
+
+
+def _plain(tmp_path):
+    folder = tmp_path / "src"
+    folder.mkdir()
+    (folder / "a.py").write_text("a = 1\n")
+    return folder
+
+
+def _build(*args):
+    return runner.invoke(app, ["corpus", "build", *map(str, args)])
+
+
+def test_output_errors_are_one_line_and_leave_the_old_files(tmp_path):
+    folder, out = _plain(tmp_path), tmp_path / "c.txt"
+    out.write_text("old corpus\n")
+    (tmp_path / "afile").write_text("")
+    for args, message in [
+        (["--out", tmp_path], f"cannot write {tmp_path}: it is a directory"),
+        (["--out", "/proc/x/o.txt"], "cannot write /proc/x/o.txt: No such file or directory"),
+        (["--out", out, "--manifest", "/proc/x/m.json"], "cannot write /proc/x/m.json: No such file or directory"),
+        (["--out", out, "--manifest", tmp_path / "afile" / "m.json"],
+         f"cannot write {tmp_path}/afile/m.json: {tmp_path}/afile is not a directory"),
+        (["--out", out, "--manifest", out], f"the outputs must be different files: {out}, {out}"),
+    ]:
+        result = _build(folder, *args)
+        assert (result.exit_code, result.stderr) == (1, f"error: {message}\n")
+    assert out.read_text() == "old corpus\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "c.txt", "src"]  # no temporaries
+
+
+def test_manifest_in_a_new_directory(tmp_path):
+    folder, out, manifest = _plain(tmp_path), tmp_path / "c.txt", tmp_path / "new" / "dir" / "m.json"
+    result = _build(folder, "--out", out, "--manifest", manifest)
+    assert result.exit_code == 0, result.output
+    assert out.read_text() == "# a.py\na = 1\n"
+    assert json.loads(manifest.read_text())["files"][0]["path"] == "a.py"

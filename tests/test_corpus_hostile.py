@@ -25,6 +25,7 @@ from tests.gitserver import (
 )
 from workers import keys
 from workers.corpus import build_corpus_file, run_corpus_stage, run_fetch_stage, sources
+from workers.corpus.scratch import scratch_root
 from workers.progress import ListReporter
 from workers.storage import LocalStorage
 
@@ -99,7 +100,7 @@ def test_stage_result_artifacts_and_progress(built):
     assert artifacts["manifest"]["size"] == storage.size(result.manifest_key)
     last = reporter.of(EventKind.PROGRESS)[-1]
     assert (last["files"], last["bytes"], last["skipped"]) == (6, len(text), len(HOSTILE_SKIPPED))
-    assert list(scratch.iterdir()) == []  # the clone and its scratch are gone
+    assert list(scratch_root(scratch).iterdir()) == []  # the clone and its scratch are gone
 
 
 def test_local_work_tree_of_the_same_repo_gives_the_same_corpus(hostile, tmp_path):

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -13,9 +15,10 @@ from schemas.errors import CorpusError, RepoError
 from schemas.events import EventKind
 from schemas.repo import parse_repo_spec
 from tests.gitserver import Symlink, make_repo, source_files, tiny_png
-from workers.corpus import builder, run_corpus_stage, run_fetch_stage
+from workers.corpus import build_corpus_file, builder, run_corpus_stage, run_fetch_stage
 from workers.corpus.builder import CorpusBuilder, SourceTree
 from workers.corpus.manifest import ManifestWriter
+from workers.corpus.scratch import scratch_dir, scratch_root
 from workers.corpus.sources import GitView
 from workers.progress import NULL_REPORTER, ListReporter
 from workers.storage import LocalStorage
@@ -98,7 +101,7 @@ def test_all_files_filtered_out_fails_with_counts(git_server, storage, scratch):
     with pytest.raises(CorpusError) as err:
         _stages(storage, git_server, [repo.name], scratch=scratch)
     assert str(err.value) == "corpus is empty after filters: 4 files skipped (binary: 2, symlink: 1, vcs: 1)"
-    assert list(storage.list()) == [] and list(scratch.iterdir()) == []
+    assert list(storage.list()) == [] and list(scratch_root(scratch).iterdir()) == []
 
 
 def test_total_cap_stops_the_build_with_a_clear_message(git_server, storage, scratch):
@@ -111,7 +114,7 @@ def test_total_cap_stops_the_build_with_a_clear_message(git_server, storage, scr
         "narrow it with --include/--exclude/--lang or raise the cap (--max-total-size, "
         "corpus.max_total_bytes)"
     )
-    assert list(storage.list()) == [] and list(scratch.iterdir()) == []
+    assert list(storage.list()) == [] and list(scratch_root(scratch).iterdir()) == []
 
 
 def test_scratch_is_removed_when_the_fetch_fails(git_server, storage, scratch):
@@ -122,7 +125,7 @@ def test_scratch_is_removed_when_the_fetch_fails(git_server, storage, scratch):
     with pytest.raises(RepoError, match=f"repository not found .*: {repo.name}"):
         run_corpus_stage(storage, fetch, CorpusConfig(), git_base_url=git_server.base_url,
                          reporter=NULL_REPORTER, scratch_dir=scratch)
-    assert list(scratch.iterdir()) == []
+    assert list(scratch_root(scratch).iterdir()) == []
 
 
 def test_submodule_contents_are_never_fetched(git_server, storage, tmp_path):
@@ -142,15 +145,13 @@ def test_submodule_contents_are_never_fetched(git_server, storage, tmp_path):
 
 def _build_plain(folder, tmp_path, *, jobs, inline_files):
     out = tmp_path / f"corpus-{jobs}.txt"
-    parts = tmp_path / f"parts-{jobs}"
-    manifest = ManifestWriter(parts)
     tree = SourceTree(folder, "", GitView(folder, plain_git_dir=tmp_path / f"git-{jobs}"))
-    with open(out, "wb") as sink:
-        stats = CorpusBuilder(CorpusConfig(), sink, manifest, NULL_REPORTER, jobs=jobs,
-                              inline_files=inline_files).build([tree])
-    with open(tmp_path / f"manifest-{jobs}.json", "wb") as fh:
-        manifest.write(fh, {"totals": stats.totals()})
-    manifest.close()
+    with ManifestWriter(tmp_path / f"parts-{jobs}") as manifest:
+        with open(out, "wb") as sink:
+            stats = CorpusBuilder(CorpusConfig(), sink, manifest, NULL_REPORTER, jobs=jobs,
+                                  inline_files=inline_files).build([tree])
+        with open(tmp_path / f"manifest-{jobs}.json", "wb") as fh:
+            manifest.write(fh, {"totals": stats.totals()})
     return out.read_bytes(), (tmp_path / f"manifest-{jobs}.json").read_bytes()
 
 
@@ -178,3 +179,37 @@ def test_corpus_stage_on_s3_stores_and_reuses(git_server, s3_storage):
     assert len(text) == built.bytes and text.startswith(b"<!-- README.md -->\n")
     again, reused = _stages(s3_storage, git_server, [repo.name])
     assert again.cached and reused.cached and reused.hash == built.hash
+
+
+_HOLD_SCRATCH = """
+import sys, time
+from pathlib import Path
+from workers.corpus.scratch import scratch_dir, temp_outputs
+parent, out = Path(sys.argv[1]), Path(sys.argv[2])
+with temp_outputs(out, out.with_name(out.name + ".manifest.json")) as temps, scratch_dir(parent) as s:
+    (s / "repo-0").mkdir()
+    print(s, *temps, flush=True)
+    time.sleep(600)
+"""
+
+
+def test_a_killed_build_leaves_nothing_after_the_next_build(tmp_path):
+    """`ray.cancel(force=True)` kills the worker (SIGKILL): no `finally` runs. The next build
+    removes what the dead process left; a live process's scratch stays."""
+    folder, out, parent = tmp_path / "src", tmp_path / "out" / "c.txt", tmp_path / "scratch"
+    folder.mkdir()
+    (folder / "a.py").write_text("a = 1\n")
+    child = subprocess.Popen([sys.executable, "-c", _HOLD_SCRATCH, str(parent), str(out)],
+                             stdout=subprocess.PIPE, text=True, cwd=Path(builder.__file__).parents[2])
+    left = [Path(p) for p in child.stdout.readline().split()]
+    child.kill()
+    child.wait()
+    child.stdout.close()
+    assert len(left) == 3 and all(p.exists() for p in left)
+    with scratch_dir(parent) as live:
+        build_corpus_file([str(folder)], CorpusConfig(), out, git_base_url="git://unused/",
+                          scratch_dir=parent)
+        assert [p for p in left if p.exists()] == []
+        assert list(scratch_root(parent).iterdir()) == [live]
+    assert out.read_text() == "# a.py\na = 1\n"
+    assert sorted(p.name for p in out.parent.iterdir()) == ["c.txt", "c.txt.manifest.json"]

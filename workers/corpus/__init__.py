@@ -2,8 +2,10 @@
 
 Modules, in the order data flows: `sources` (a link-proof sorted walk, and what git says about
 paths), `paths` (decisions from a path alone), `content` (decisions from the bytes, run on every
-core), `builder` (the ordered, bounded-memory pipeline), `manifest` (the record of it all) and
-`stage` (the pipeline stages and the CLI's build/inspect). See docs/corpus.md.
+core), `layout` (how files follow each other in the text: headers), `builder` (the ordered,
+bounded-memory pipeline), `manifest` (the record of it all), `scratch` (temporary files a killed
+build cannot leak) and `stage` (the pipeline stages and the CLI's build/inspect). See
+docs/corpus.md.
 
 Names are imported lazily: worker processes import `workers.corpus.content` only, and should not
 pay for storage, git and pydantic models they never use.
@@ -15,9 +17,9 @@ from importlib import import_module
 from typing import Any
 
 _EXPORTS = {
-    "FORMAT_VERSION": "manifest", "format_summary": "manifest", "summary_of": "manifest",
+    "FORMAT_VERSION": "manifest", "format_summary": "manifest",
     "build_corpus_file": "stage", "corpus_hash": "stage", "inspect_corpus": "stage",
-    "load_manifest": "stage", "run_corpus_stage": "stage", "run_fetch_stage": "stage",
+    "run_corpus_stage": "stage", "run_fetch_stage": "stage",
 }
 __all__ = list(_EXPORTS)
 

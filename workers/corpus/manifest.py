@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from json.encoder import encode_basestring  # the C string escaper behind json.dumps
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, Self
 
 from schemas.units import human_size
 
@@ -37,11 +37,14 @@ def skipped_line(repo: int, outcome: Any) -> str:
 
 
 class ManifestWriter:
-    """Collects kept/skipped records on disk; `write` emits the manifest JSON."""
+    """Collects kept/skipped records on disk; `write` emits the manifest JSON.
+
+    A context manager: whoever opens it with `with` owns it, and it is closed when that ends.
+    """
 
     def __init__(self, scratch: Path) -> None:
         scratch.mkdir(parents=True, exist_ok=True)
-        # Open for the whole build; `close()` ends them (callers use try/finally).
+        # Open for the whole build, until the `with` block that owns the writer ends.
         self._kept = open(scratch / "kept.jsonl", "w+", encoding="utf-8")  # noqa: SIM115
         self._skipped = open(scratch / "skipped.jsonl", "w+", encoding="utf-8")  # noqa: SIM115
 
@@ -65,18 +68,12 @@ class ManifestWriter:
             out.write(b"\n ]")
         out.write(b"\n}\n")
 
-    def close(self) -> None:
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
         self._kept.close()
         self._skipped.close()
-
-
-def read_manifest(fh: IO[bytes]) -> dict[str, Any]:
-    return json.load(fh)
-
-
-def summary_of(manifest: dict[str, Any]) -> dict[str, Any]:
-    """The manifest without its per-file lists: what `corpus inspect --json` prints."""
-    return {k: v for k, v in manifest.items() if k not in ("files", "skipped")}
 
 
 def _char(c: str) -> str:

@@ -12,20 +12,21 @@ import hashlib
 import json
 import os
 import re
-import shutil
-import tempfile
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 from schemas.corpus import CorpusConfig
+from schemas.errors import StorageError
 from schemas.repo import RepoSpec, parse_repo_spec
 from schemas.results import CorpusResult, FetchResult, ResolvedRepo
 from workers import keys
 from workers.corpus import paths as P
 from workers.corpus.builder import BuildStats, CorpusBuilder, SourceTree
-from workers.corpus.manifest import FORMAT_VERSION, ManifestWriter, read_manifest
+from workers.corpus.manifest import FORMAT_VERSION, ManifestWriter
+from workers.corpus.scratch import publish, temp_outputs
+from workers.corpus.scratch import scratch_dir as _scratch_dir
 from workers.corpus.sources import GitView
 from workers.fetch import checkout, resolve_repos
 from workers.progress import NULL_REPORTER, Reporter
@@ -65,16 +66,6 @@ def _labels(repos: Sequence[ResolvedRepo]) -> list[str]:
         label = repo_label(repo.url)
         labels.append(label if label not in labels else f"{label}-{len(labels) + 1}")
     return labels
-
-
-@contextmanager
-def _scratch(parent: Path | None) -> Iterator[Path]:
-    """A private scratch directory, removed afterwards whatever happens."""
-    path = Path(tempfile.mkdtemp(prefix="charforge-corpus-", dir=parent))
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
 
 
 def _outputs_under(root: Path, outputs: Sequence[Path]) -> dict[str, str]:
@@ -125,18 +116,28 @@ def _head(
     }
 
 
+class _Discard:
+    """A sink for `inspect`: the corpus is counted and hashed, not kept."""
+
+    def write(self, data: bytes) -> int:
+        return len(data)
+
+
+@contextmanager
 def _build(
-    repos: Sequence[ResolvedRepo], config: CorpusConfig, sink: IO[bytes], scratch: Path,
+    repos: Sequence[ResolvedRepo], config: CorpusConfig, text_path: Path | None, scratch: Path,
     reporter: Reporter, jobs: int | None, outputs: Sequence[Path] = (),
-) -> tuple[BuildStats, ManifestWriter]:
+) -> Iterator[tuple[BuildStats, ManifestWriter]]:
+    """Build the corpus into `text_path` (closed when this yields; None: count it only).
+
+    The manifest's records stay readable inside the `with` block and are closed when it ends:
+    this context manager is their only owner.
+    """
     trees = prepare_trees(repos, scratch, reporter, outputs)
-    manifest = ManifestWriter(scratch / "manifest-parts")
-    try:
-        stats = CorpusBuilder(config, sink, manifest, reporter, jobs=jobs).build(trees)
-    except BaseException:
-        manifest.close()
-        raise
-    return stats, manifest
+    with ManifestWriter(scratch / "manifest-parts") as manifest:
+        with open(text_path, "wb") if text_path else nullcontext(_Discard()) as sink:
+            stats = CorpusBuilder(config, sink, manifest, reporter, jobs=jobs).build(trees)  # type: ignore[arg-type]
+        yield stats, manifest
 
 
 def run_fetch_stage(
@@ -173,25 +174,24 @@ def run_corpus_stage(
     storage: Storage, fetch: FetchResult, config: CorpusConfig, *, git_base_url: str,
     reporter: Reporter, scratch_dir: Path | None = None, jobs: int | None = None,
 ) -> CorpusResult:
-    """Build (or reuse) the corpus of `fetch.repos` and store corpus.txt + manifest.json."""
-    del git_base_url  # the resolved repos carry their URLs
+    """Build (or reuse) the corpus of `fetch.repos` and store corpus.txt + manifest.json.
+
+    `git_base_url` is part of the stage contract (the dispatcher hands every stage the same
+    context) but unused here: the fetch stage already joined it into each resolved repo's URL.
+    """
+    del git_base_url
     if fetch.corpus_hash and storage.exists(keys.corpus_manifest(fetch.corpus_hash)):
         return _cached(storage, fetch, reporter)
-    with _scratch(scratch_dir) as scratch:
-        text_path = scratch / "corpus.txt"
-        with open(text_path, "wb") as sink:
-            stats, manifest = _build(fetch.repos, config, sink, scratch, reporter, jobs)
-        try:
+    with _scratch_dir(scratch_dir) as scratch:
+        text_path, manifest_path = scratch / "corpus.txt", scratch / "manifest.json"
+        with _build(fetch.repos, config, text_path, scratch, reporter, jobs) as (stats, manifest):
             key = fetch.corpus_hash or corpus_hash(fetch.repos, config, text_sha256=stats.text_sha256)
             assert key is not None
             text = storage.put_file(keys.corpus_text(key), text_path)
             reporter.artifact("corpus", text.key, text.size, text.sha256, files=stats.files,
                               vocab_size=len(stats.vocab()))
-            manifest_path = scratch / "manifest.json"
             with open(manifest_path, "wb") as out:
                 manifest.write(out, _head(key, fetch.repos, config, stats, text.key))
-        finally:
-            manifest.close()
         info = storage.put_file(keys.corpus_manifest(key), manifest_path)  # last: marks it complete
         reporter.artifact("manifest", info.key, info.size, info.sha256)
     return CorpusResult(
@@ -199,13 +199,6 @@ def run_corpus_stage(
         skipped=stats.skipped, vocab_size=len(stats.vocab()), repos=fetch.repos, cached=False,
         main_language=stats.main_language(),
     )
-
-
-class _Discard:
-    """A sink for `inspect`: the corpus is counted and hashed, not kept."""
-
-    def write(self, data: bytes) -> int:
-        return len(data)
 
 
 def _specs(repos: Sequence[RepoSpec | str]) -> list[RepoSpec]:
@@ -219,28 +212,25 @@ def build_corpus_file(
 ) -> dict[str, Any]:
     """Build a corpus to a local file (and its manifest beside it); returns the summary.
 
-    Both files appear only when the build succeeds (written to temporary names, then renamed).
+    Both destinations are checked before anything is built (a directory, or a place that cannot
+    be written, is refused with `InvalidSpec`); both files are written under temporary names
+    beside them and renamed into place only when the build succeeded. A write that fails on the
+    way raises `StorageError`.
     """
     resolved = resolve_repos(_specs(repos), git_base_url=git_base_url)
     manifest_out = manifest_out or out.with_name(out.name + ".manifest.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with _scratch(scratch_dir) as scratch:
-        tmp_text = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    with temp_outputs(out, manifest_out) as (tmp_text, tmp_manifest), _scratch_dir(scratch_dir) as scratch:
         try:
-            with open(tmp_text, "wb") as sink:
-                stats, manifest = _build(resolved, config, sink, scratch, reporter, jobs,
-                                         outputs=(tmp_text, out, manifest_out))
-            key = corpus_hash(resolved, config, text_sha256=stats.text_sha256)
-            head = _head(key, resolved, config, stats, None)
-            try:
-                with open(scratch / "manifest.json", "wb") as fh:
+            outputs = (tmp_text, tmp_manifest, out, manifest_out)
+            with _build(resolved, config, tmp_text, scratch, reporter, jobs, outputs) as (stats, manifest):
+                key = corpus_hash(resolved, config, text_sha256=stats.text_sha256)
+                head = _head(key, resolved, config, stats, None)
+                with open(tmp_manifest, "wb") as fh:
                     manifest.write(fh, head)
-            finally:
-                manifest.close()
-            os.replace(tmp_text, out)
-            shutil.move(scratch / "manifest.json", manifest_out)
-        finally:
-            tmp_text.unlink(missing_ok=True)
+        except OSError as exc:  # the disk filled up, a directory went away meanwhile, ...
+            raise StorageError(f"corpus build failed: {exc.strerror or exc} ({exc.filename or out})") from None
+        publish(tmp_text, out)
+        publish(tmp_manifest, manifest_out)
     return head
 
 
@@ -250,15 +240,6 @@ def inspect_corpus(
 ) -> dict[str, Any]:
     """The summary a build would produce (files kept/skipped, languages, vocabulary), nothing written."""
     resolved = resolve_repos(_specs(repos), git_base_url=git_base_url)
-    with _scratch(scratch_dir) as scratch:
-        stats, manifest = _build(resolved, config, _Discard(), scratch, reporter, jobs)  # type: ignore[arg-type]
-        manifest.close()
-    key = corpus_hash(resolved, config, text_sha256=stats.text_sha256)
-    return _head(key, resolved, config, stats, None)
-
-
-def load_manifest(storage: Storage, corpus_key: str) -> dict[str, Any]:
-    with storage.open(keys.corpus_manifest(corpus_key)) as fh:
-        return read_manifest(fh)
-
-
+    with _scratch_dir(scratch_dir) as scratch, _build(resolved, config, None, scratch, reporter, jobs) as (stats, _):
+        key = corpus_hash(resolved, config, text_sha256=stats.text_sha256)
+        return _head(key, resolved, config, stats, None)
