@@ -167,6 +167,18 @@ def test_old_checkpoints_with_the_scaler_under_scheduler_still_load(tmp_path: Pa
     assert load_checkpoint(storage, key).scaler_state == scaler
 
 
+@pytest.mark.parametrize("bad", ["abcdef\n", "ABCDEF", "abc", "../abcdef", "abcdef/x", "a" * 65])
+def test_keys_take_only_hex_ids(bad: str) -> None:
+    for build in (keys.run_prefix, lambda v: keys.corpus_encoded("a" * 64, v),
+                  keys.corpus_text):
+        with pytest.raises(ValueError, match="invalid"):
+            build(bad)
+    assert keys.corpus_encoded("a" * 64, "0123456789abcdef") == (
+        f"corpora/{'a' * 64}/encoded-0123456789abcdef.bin",
+        f"corpora/{'a' * 64}/encoded-0123456789abcdef.json",
+    )
+
+
 def test_keeps_last_k_and_the_best(tmp_path: Path) -> None:
     storage = LocalStorage(tmp_path)
     losses = {10: 2.0, 20: 1.0, 30: 1.5, 40: 1.7, 50: 1.6}

@@ -1,10 +1,11 @@
 """Training data: the corpus encoded once to a compact integer file, memory-mapped for batches.
 
-The corpus text is streamed twice, in chunks, never held whole: once to count characters (the
-vocabulary keeps those seen at least `vocab_min_count` times, at most `vocab_max_size` of them;
-the rest map to the unknown symbol), once to write one uint8/uint16 index per character. The
-integer file and a small JSON describing it live next to the corpus in storage, so every later run
-on the same corpus with the same vocabulary reuses them. Training memory-maps the file: a
+The vocabulary keeps the characters seen at least `vocab_min_count` times, at most
+`vocab_max_size` of them; the rest map to the unknown symbol. Their counts come from the corpus
+manifest (the builder counted them); a corpus without one is streamed once to count them. The
+text is then streamed, in chunks, never held whole, to write one uint8/uint16 index per
+character. The integer file and a small JSON describing it live next to the corpus in storage,
+so every later run on the same corpus with the same vocabulary reuses them. Training memory-maps the file: a
 multi-GB corpus trains in bounded memory.
 
 Batches (see docs/training.md): "sequential" gives each batch row its own contiguous stretch of
@@ -15,6 +16,7 @@ carried from window to window (truncated BPTT); "random" draws windows at random
 from __future__ import annotations
 
 import codecs
+import contextlib
 import hashlib
 import json
 from collections.abc import Iterable, Iterator
@@ -60,11 +62,61 @@ def _storage_chunks(storage: Storage, key: str) -> Iterator[str]:
         yield from read_text_chunks(iter(lambda: fh.read(TEXT_CHUNK), b""))
 
 
-def count_chars(chunks: Iterable[str]) -> dict[str, int]:
+def count_codepoints(chunks: Iterable[str]) -> dict[str, int]:
+    """Character counts of decoded text, chunk by chunk (a numpy histogram over code points).
+
+    Only for a corpus without a usable manifest: the corpus builder counts characters as it
+    writes (`workers.corpus.content.count_chars`, over UTF-8 bytes) and records them there.
+    """
     counts = np.zeros(MAX_CODEPOINT + 1, dtype=np.int64)
     for chunk in chunks:
         counts += np.bincount(codepoints(chunk), minlength=MAX_CODEPOINT + 1)
     return {chr(cp): int(counts[cp]) for cp in np.flatnonzero(counts)}
+
+
+def corpus_char_counts(storage: Storage, corpus: CorpusResult) -> dict[str, int]:
+    """Exact character counts of the corpus text: its manifest's `vocab`, written when the
+    corpus was built (docs/corpus.md), else counted from the text (a pass over all of it)."""
+    counts = _manifest_counts(storage, corpus)
+    if counts is None:
+        counts = count_codepoints(_storage_chunks(storage, corpus.text_key))
+    return counts
+
+
+def _manifest_counts(storage: Storage, corpus: CorpusResult) -> dict[str, int] | None:
+    """The manifest's counts, if it has them and they add up to the stored text's size in UTF-8
+    (a cheap check that they describe this very text); None otherwise."""
+    if not storage.exists(corpus.manifest_key):
+        return None
+    try:
+        pairs = read_manifest_head(storage, corpus.manifest_key)["vocab"]
+        counts = {str(c): int(n) for c, n in pairs}
+    except (KeyError, TypeError, ValueError):
+        return None
+    utf8 = sum(len(c.encode("utf-8", "surrogatepass")) * n for c, n in counts.items())
+    return counts if utf8 == storage.size(corpus.text_key) else None
+
+
+# The manifest's per-file lists come after everything else and can be tens of MB for a big
+# repository (workers/corpus/manifest.py writes the head, then "files" and "skipped"). A JSON
+# string holds no raw newline, so this marker can only be the start of those lists.
+_MANIFEST_LISTS = b',\n "files": ['
+
+
+def read_manifest_head(storage: Storage, key: str) -> dict[str, Any]:
+    """A corpus manifest without its per-file lists, read only up to them (the whole file when
+    its layout is another)."""
+    head = bytearray()
+    with storage.open(key) as fh:
+        while chunk := fh.read(CHUNK):
+            start = max(0, len(head) - len(_MANIFEST_LISTS))
+            head += chunk
+            cut = head.find(_MANIFEST_LISTS, start)
+            if cut >= 0:
+                with contextlib.suppress(ValueError):
+                    return json.loads(bytes(head[:cut]) + b"\n}")
+                return json.loads(storage.get_bytes(key))
+    return json.loads(bytes(head))
 
 
 def corpus_vocab(storage: Storage, corpus: CorpusResult, train: TrainConfig) -> Vocab:
@@ -72,7 +124,7 @@ def corpus_vocab(storage: Storage, corpus: CorpusResult, train: TrainConfig) -> 
     key = keys.corpus_vocab(corpus.hash, train.vocab_min_count, train.vocab_max_size)
     if storage.exists(key):
         return Vocab.from_list(json.loads(storage.get_bytes(key))["chars"])
-    counts = count_chars(_storage_chunks(storage, corpus.text_key))
+    counts = corpus_char_counts(storage, corpus)
     if not counts:
         raise CorpusError(f"corpus {corpus.hash[:12]} is empty: nothing to train on")
     vocab = Vocab.from_counts(
@@ -192,7 +244,6 @@ class Batches:
                 "offset": self.offset, "windows": self.windows}
 
     def restore(self, state: dict[str, Any]) -> None:
-        if state.get("mode") != self.mode:
-            raise TrainingError(f"cannot resume {state.get('mode')} batching as {self.mode}")
+        # A resume always uses the checkpoint's own TrainConfig, so the mode is the same one.
         self.epoch, self.index = int(state["epoch"]), int(state["index"])
         self.offset, self.windows = int(state["offset"]), int(state["windows"])

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import re
 
-_ID = re.compile(r"^[0-9a-f]{6,64}$")
+_ID = re.compile(r"[0-9a-f]{6,64}")
 FORMATS = ("tar.gz", "zip", "jsonl")
 
 
 def _check_id(value: str, what: str) -> str:
-    if not _ID.match(value):
+    if not _ID.fullmatch(value):  # not match + "$": "$" also matches before a final newline
         raise ValueError(f"invalid {what} {value!r}")
     return value
 
@@ -37,9 +37,7 @@ def corpus_vocab(corpus_hash: str, min_count: int, max_size: int) -> str:
 
 def corpus_encoded(corpus_hash: str, vocab_tag: str) -> tuple[str, str]:
     """The corpus encoded with one vocabulary: the integer file and its small JSON description."""
-    if not re.match(r"^[0-9a-f]{6,64}$", vocab_tag):
-        raise ValueError(f"invalid vocabulary tag {vocab_tag!r}")
-    prefix = corpus_prefix(corpus_hash) + f"encoded-{vocab_tag}"
+    prefix = corpus_prefix(corpus_hash) + f"encoded-{_check_id(vocab_tag, 'vocabulary tag')}"
     return prefix + ".bin", prefix + ".json"
 
 
