@@ -180,13 +180,17 @@ def test_destination_errors_are_one_line(tmp_path, world):
         "does not exist"
     )
     assert not (tmp_path / "missing").exists()
-    with pytest.raises(UserError, match=r"ends in \.zip but --format is tar\.gz"):
-        export_runs(runs, storage, str(tmp_path / "x.zip"), fmt="tar.gz")
-    with pytest.raises(UserError, match="unknown export format 'rar'"):
-        export_runs(runs, storage, str(tmp_path / "x"), fmt="rar")
-    with pytest.raises(UserError, match="no runs selected"):
-        export_runs([], storage, str(tmp_path / "x.tar.gz"))
-    for message in (str(e.value) for e in [err]):
+    errors = [err]
+    for pattern, args, kwargs in [
+        (r"ends in \.zip but --format is tar\.gz", (runs, storage, str(tmp_path / "x.zip")),
+         {"fmt": "tar.gz"}),
+        ("unknown export format 'rar'", (runs, storage, str(tmp_path / "x")), {"fmt": "rar"}),
+        ("no runs selected", ([], storage, str(tmp_path / "x.tar.gz")), {}),
+    ]:
+        with pytest.raises(UserError, match=pattern) as err:
+            export_runs(*args, **kwargs)
+        errors.append(err)
+    for message in (str(e.value) for e in errors):
         assert "\n" not in message
 
 

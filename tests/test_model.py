@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -10,6 +12,7 @@ from workers.model import (
     CharRNN,
     autocast,
     count_parameters,
+    cpu_has_native_bf16,
     detach_state,
     resolve_device,
     resolve_precision,
@@ -61,8 +64,16 @@ def test_precision_choices() -> None:
     cpu = torch.device("cpu")
     assert resolve_precision("fp32", cpu) is None
     assert resolve_precision("bf16", cpu) is torch.bfloat16
-    assert resolve_precision("auto", cpu) in (None, torch.bfloat16)
+    # auto: bf16 exactly where this CPU runs it natively (AMX or AVX512-BF16), fp32 elsewhere
+    assert resolve_precision("auto", cpu) is (torch.bfloat16 if cpu_has_native_bf16() else None)
+    assert resolve_precision("fp16", cpu) is torch.float16
     assert resolve_device("cpu") == cpu
+
+
+def test_native_bf16_is_read_from_the_cpu_flags() -> None:
+    flags = Path("/proc/cpuinfo").read_text().split()
+    native = "amx_bf16" in flags or "avx512_bf16" in flags
+    assert cpu_has_native_bf16() is (native and torch.backends.mkldnn.is_available())
 
 
 def test_bf16_autocast_runs_every_cell() -> None:
