@@ -146,3 +146,21 @@ def test_git_blocked_by_a_fifo_gitattributes_fails_with_one_line(tmp_path, monke
         build_corpus_file([str(folder)], CorpusConfig(), tmp_path / "c.txt", git_base_url="git://unused/")
     assert str(err.value) == f"git check-attr timed out after 1s in {folder}"
     assert not (tmp_path / "c.txt").exists()
+
+
+def test_a_file_name_cannot_put_lines_into_the_corpus(git_server, tmp_path):
+    """Names may hold newlines and other controls: the header escapes them and stays one line."""
+    injected = "a\nimport os; os.system(1)\n#.py"
+    closer = "notes -->\u2028\x1b[2J.md"  # closes the Markdown header comment, then a line break
+    repo = git_server.publish(git_server.unique("acme/names"), {
+        injected: b"x = 1\n", closer: b"# notes\n", "ok.c": b"int ok;\n",
+    })
+    out = tmp_path / "corpus.txt"
+    build_corpus_file([repo.name], CorpusConfig(), out, git_base_url=git_server.base_url)
+    assert out.read_bytes().decode("utf-8").split("\n") == [
+        "# a\\nimport os; os.system(1)\\n#.py", "x = 1",
+        "<!-- notes --\\>\\u2028\\x1b[2J.md -->", "# notes",
+        "// ok.c", "int ok;", "",
+    ]
+    manifest = json.loads((tmp_path / "corpus.txt.manifest.json").read_text())
+    assert [f["path"] for f in manifest["files"]] == [injected, closer, "ok.c"]

@@ -1,4 +1,5 @@
 """Reading and judging file contents: the part of the build that runs on every core.
+(How a kept file is laid out in the text, its header, is `layout`'s.)
 
 `examine_batch` is a top-level function over picklable arguments so a process pool can run it.
 It opens each file beneath the tree's root one directory at a time with O_NOFOLLOW (a link
@@ -22,6 +23,7 @@ from typing import TYPE_CHECKING, NamedTuple
 import numpy as np
 
 from workers.corpus import paths as P
+from workers.corpus.layout import header_line
 from workers.corpus.manifest import kept_line, skipped_line
 
 if TYPE_CHECKING:
@@ -33,34 +35,6 @@ COUNT_SLICE = 1 << 17  # bincount widens its input to intp (8x): 256 KiB of pair
 _NON_ASCII = re.compile(r"[^\x00-\x7f]")
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
-
-# Line-comment markers for the per-file header, by identify tag; "#" for everything else.
-_SLASHES = frozenset({
-    "c", "c++", "c#", "java", "javascript", "jsx", "ts", "tsx", "go", "rust", "kotlin", "scala",
-    "swift", "php", "dart", "groovy", "objective-c", "proto", "zig", "cuda", "verilog", "glsl",
-    "jsonnet", "solidity", "d", "v",
-})
-_DASHES = frozenset({"lua", "sql", "haskell", "elm", "ada", "plpgsql", "vhdl"})
-_SEMICOLON = frozenset({"asm", "lisp", "clojure", "scheme", "racket", "ini"})
-_PERCENT = frozenset({"tex", "latex", "erlang", "matlab", "prolog", "bib"})
-_BLOCK = {"html": ("<!--", " -->"), "xml": ("<!--", " -->"), "markdown": ("<!--", " -->"),
-          "svg": ("<!--", " -->"), "css": ("/*", " */"), "scss": ("/*", " */"), "less": ("/*", " */")}
-
-
-def comment_marks(language: str | None) -> tuple[str, str]:
-    if language in _BLOCK:
-        return _BLOCK[language]
-    for marks, family in (("//", _SLASHES), ("--", _DASHES), (";", _SEMICOLON), ("%", _PERCENT)):
-        if language in family:
-            return marks, ""
-    return "#", ""
-
-
-def header_line(display: str, language: str | None) -> bytes:
-    """A comment naming the file, so the model learns how files begin (docs/corpus.md)."""
-    start, end = comment_marks(language)
-    return f"{start} {display}{end}\n".encode()
-
 
 @dataclass(frozen=True, slots=True)
 class Rules:
