@@ -76,9 +76,13 @@ def test_user_errors_are_one_line_and_exit_1(git_server, args, message):
 
 def test_empty_corpus_error_through_the_cli(tmp_path):
     (tmp_path / "only.bin").write_bytes(b"\0\0")
+    (tmp_path / "node_modules" / "dep").mkdir(parents=True)
+    for name in ("a.js", "b.js", "c.js"):  # a skipped directory counts once, as a directory
+        (tmp_path / "node_modules" / "dep" / name).write_text("var x;\n")
     result = runner.invoke(app, ["corpus", "build", str(tmp_path), "--out", str(tmp_path / "c.txt")])
     assert result.exit_code == 1
-    assert result.stderr == "error: corpus is empty after filters: 1 files skipped (binary: 1)\n"
+    assert result.stderr == ("error: corpus is empty after filters: 1 file and 1 directory skipped "
+                             "(binary: 1, vendored: 1)\n")
     assert not (tmp_path / "c.txt").exists()
 
 

@@ -9,7 +9,7 @@ import pytest
 from pydantic import ValidationError
 
 from schemas.corpus import CorpusConfig
-from tests.gitserver import write_files
+from tests.gitserver import make_repo, write_files
 from workers.corpus import build_corpus_file
 from workers.corpus.paths import compile_glob
 
@@ -112,3 +112,24 @@ def test_too_large_files_are_skipped_not_truncated(tmp_path):
     text, skipped, manifest = build(tmp_path, {"big.txt": "x\n" * 600, "ok.txt": "y\n"}, max_file_bytes=1000)
     assert text == "# ok.txt\ny\n" and skipped == {"big.txt": "too-large"}
     assert manifest["skipped"][0]["bytes"] == 1200
+
+
+def test_linguist_vendored_false_takes_files_back_from_vendored_directories(tmp_path):
+    files = {
+        ".gitattributes": "vendor/keep/** -linguist-vendored\nthird_party/** linguist-vendored=false\n",
+        "main.c": "int main;\n", "vendor/keep/a.c": "int a;\n", "vendor/drop/b.c": "int b;\n",
+        "third_party/c.c": "int c;\n", "node_modules/x.js": "var x;\n",
+    }
+    expected_text = ("# .gitattributes\n" + files[".gitattributes"] + "// main.c\nint main;\n"
+                     "// third_party/c.c\nint c;\n// vendor/keep/a.c\nint a;\n")
+    expected_skipped = {"node_modules/x.js": "vendored", "vendor/drop/b.c": "vendored"}
+    text, skipped, _ = build(tmp_path, files)
+    assert (text, skipped) == (expected_text, expected_skipped)
+    work = tmp_path / "work"  # the same as a git work tree: read from a clone
+    make_repo(work, files)
+    out = tmp_path / "work.txt"
+    build_corpus_file([str(work)], CorpusConfig(), out, git_base_url="git://unused/")
+    assert out.read_text() == expected_text
+    # Without such an attribute a vendored directory is skipped whole, not walked.
+    text, skipped, _ = build(tmp_path / "2", {**files, ".gitattributes": "*.c text\n"})
+    assert skipped == {"node_modules/": "vendored", "third_party/": "vendored", "vendor/": "vendored"}

@@ -75,6 +75,7 @@ class BuildStats:
     bytes: int = 0  # corpus text, headers included
     source_bytes: int = 0  # the kept files' own sizes
     skipped: int = 0
+    skipped_dirs: int = 0  # of `skipped`: directories skipped whole (.git/, node_modules/)
     by_reason: Counter[str] = field(default_factory=Counter)
     files_by_language: Counter[str] = field(default_factory=Counter)
     bytes_by_language: Counter[str] = field(default_factory=Counter)
@@ -88,8 +89,9 @@ class BuildStats:
         self.repo_files = [0] * self.repos
         self.repo_bytes = [0] * self.repos
 
-    def skip(self, reason: str) -> None:
+    def skip(self, outcome: Outcome, reason: str) -> None:
         self.skipped += 1
+        self.skipped_dirs += outcome.rel.endswith("/")
         self.by_reason[reason] += 1
 
     def keep(self, tree: int, outcome: Outcome, length: int) -> None:
@@ -110,6 +112,7 @@ class BuildStats:
         self.repo_files[tree] += kept
         self.repo_bytes[tree] += result.source_bytes
         self.skipped += sum(result.by_reason.values())
+        self.skipped_dirs += result.skipped_dirs
         self.by_reason.update(result.by_reason)
         self.files_by_language.update(result.files_by_language)
         self.bytes_by_language.update(result.bytes_by_language)
@@ -256,7 +259,8 @@ class CorpusBuilder:
                 if isinstance(entry, Skipped):  # travels with the batch to keep walk order
                     items.append(Item(entry.rel, entry.size, skip=entry.reason, detail=entry.detail))
                     continue
-                items.append(Item(entry.rel, entry.size, attrs.get(entry.rel), entry.rel in ignored))
+                items.append(Item(entry.rel, entry.size, attrs.get(entry.rel), entry.rel in ignored,
+                                  vendored_dir=entry.vendored_dir))
                 size += min(entry.size, self.config.max_file_bytes)
                 if len(items) >= BATCH_FILES or size >= BATCH_BYTES:
                     yield _Batch(index, self.runner.submit(task, items))
@@ -290,14 +294,14 @@ class CorpusBuilder:
         stats, payload, offset = self.stats, memoryview(result.payload), 0
         for i, o in enumerate(result.outcomes):
             if o.reason is not None:
-                stats.skip(o.reason)
+                stats.skip(o, o.reason)
                 self.manifest.add("", skipped_line(tree, o))
                 continue
             piece = payload[offset:offset + o.length]
             offset += o.length
             if i in dups:
                 dup = o._replace(reason=P.DUPLICATE, detail=self._same_as(self._seen[o.sha256]))
-                stats.skip(P.DUPLICATE)
+                stats.skip(o, P.DUPLICATE)
                 self.manifest.add("", skipped_line(tree, dup))
                 ascii_counts, other = count_chars(piece)  # the batch's counts included it
                 stats.ascii -= ascii_counts
@@ -323,9 +327,18 @@ class CorpusBuilder:
             self.reporter.progress(s.files + s.skipped, None, files=s.files, bytes=s.bytes, skipped=s.skipped)
 
 
+def _count(n: int, one: str, many: str) -> str:
+    return f"{n} {one if n == 1 else many}"
+
+
 def empty_message(stats: BuildStats) -> str:
+    """Files and directories counted apart: a skipped directory (.git/, a vendored tree of
+    thousands of files) is one entry, not one file."""
     reasons = ", ".join(f"{r}: {n}" for r, n in sorted(stats.by_reason.items(), key=lambda kv: (-kv[1], kv[0])))
-    return f"corpus is empty after filters: {stats.skipped} files skipped ({reasons or 'no files at all'})"
+    what = _count(stats.skipped - stats.skipped_dirs, "file", "files")
+    if stats.skipped_dirs:
+        what += " and " + _count(stats.skipped_dirs, "directory", "directories")
+    return f"corpus is empty after filters: {what} skipped ({reasons or 'no files at all'})"
 
 
 def cap_message(cap: int, stats: BuildStats) -> str:

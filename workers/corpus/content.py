@@ -71,6 +71,7 @@ class Item(NamedTuple):
     ignored: bool = False
     skip: str | None = None  # already decided by the walk (a link, a special file, a directory)
     detail: str | None = None
+    vendored_dir: bool = False  # below vendor/, node_modules/, ... (see PathRules.classify)
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,6 +107,7 @@ class BatchResult:
     ascii_counts: np.ndarray  # counts of code points 0..127 over `payload`
     other_counts: dict[str, int]  # counts of the rest
     by_reason: Counter[str]
+    skipped_dirs: int  # skipped entries that are whole directories
     files_by_language: Counter[str]
     bytes_by_language: Counter[str]  # of the kept files' own bytes
     source_bytes: int
@@ -225,7 +227,7 @@ def _decode(data: bytes, rules: Rules) -> tuple[bytes | None, str | None]:
 def _examine(opener: _Opener, item: Item, task: Task, path_rules: P.PathRules) -> tuple[Outcome, bytes, bytes]:
     """(verdict, header, text): header and text are empty unless the file is kept."""
     rules = task.rules
-    reason, detail = path_rules.classify(item.rel, item.size, item.attrs, item.ignored)
+    reason, detail = path_rules.classify(item.rel, item.size, item.attrs, item.ignored, item.vendored_dir)
     if reason:
         return Outcome(item.rel, item.size, reason, detail), b"", b""
     try:
@@ -287,6 +289,7 @@ def examine_batch(task: Task, items: list[Item]) -> BatchResult:
     skipped: list[str] = []
     other: Counter[str] = Counter()
     by_reason: Counter[str] = Counter()
+    skipped_dirs = 0
     files_by_language: Counter[str] = Counter()
     bytes_by_language: Counter[str] = Counter()
     try:
@@ -298,6 +301,7 @@ def examine_batch(task: Task, items: list[Item]) -> BatchResult:
             outcomes.append(outcome)
             if outcome.reason is not None:
                 by_reason[outcome.reason] += 1
+                skipped_dirs += outcome.rel.endswith("/")
                 skipped.append(skipped_line(task.repo, outcome))
                 continue
             parts += (head, text) if text.endswith(b"\n") else (head, text, b"\n")
@@ -312,5 +316,5 @@ def examine_batch(task: Task, items: list[Item]) -> BatchResult:
     payload = b"".join(parts)
     return BatchResult(
         outcomes, payload, "".join(kept), "".join(skipped), byte_counts(payload)[:128], dict(other),
-        by_reason, files_by_language, bytes_by_language, sum(bytes_by_language.values()),
+        by_reason, skipped_dirs, files_by_language, bytes_by_language, sum(bytes_by_language.values()),
     )

@@ -85,10 +85,6 @@ def interpreter_tags(first_line: bytes) -> frozenset[str]:
     return frozenset(identify.tags_from_interpreter(words[0])) if words else frozenset()
 
 
-def known_language(tag: str) -> bool:
-    return tag in identify.ALL_TAGS
-
-
 def _glob_regex(pattern: str) -> str:
     """gitignore-like globs: `*` and `?` stay inside a path segment, `**` crosses them."""
     out, i = [], 0
@@ -160,9 +156,14 @@ class PathRules:
         return None
 
     def classify(
-        self, rel: str, size: int, attrs: Attributes | None, ignored: bool
+        self, rel: str, size: int, attrs: Attributes | None, ignored: bool, vendored_dir: bool = False
     ) -> tuple[str | None, str | None]:
-        """(reason, detail) to skip `rel`, or (None, None) to read it."""
+        """(reason, detail) to skip `rel`, or (None, None) to read it.
+
+        `vendored_dir`: `rel` is below a vendored directory (`vendor/`, ...) that the walk
+        entered because a .gitattributes may un-vendor some of it: only an explicit
+        `linguist-vendored=false` (or `-linguist-vendored`) on the file keeps it.
+        """
         for glob, match in self._exclude:
             if match(rel):
                 return EXCLUDED, f"--exclude {glob}"
@@ -172,6 +173,8 @@ class PathRules:
             return GITIGNORED, None
         name = rel.rsplit("/", 1)[-1]
         if self.config.skip_vendored:
+            if vendored_dir and (attrs is None or attrs.vendored is not False):
+                return VENDORED, "vendored directory"
             reason = self._vendored(name, attrs)
             if reason:
                 return reason, f"linguist-{reason}" if reason in (VENDORED, GENERATED) else None

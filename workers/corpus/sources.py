@@ -9,9 +9,11 @@ holding the whole tree: a directory's entries are sorted by name, directories ke
 from __future__ import annotations
 
 import os
+import re
+import stat
 import subprocess
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from schemas.errors import CorpusError
@@ -29,6 +31,7 @@ class Found:
     size: int
     attr_scope: bool  # a .gitattributes above it may say something
     ignore_scope: bool  # a .gitignore above it may say something (plain folders)
+    vendored_dir: bool = False  # below a vendored directory the walk entered (see _Scope)
 
 
 @dataclass(slots=True)
@@ -39,12 +42,23 @@ class Skipped:
     detail: str | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class _Scope:
+    """What holds for every path below a directory."""
+
+    attr: bool = False  # a .gitattributes at or above it
+    ignore: bool = False  # a .gitignore at or above it
+    # A .gitattributes at or above it turns linguist-vendored off for something: vendored
+    # directories are then walked (each file asks git) instead of skipped whole.
+    unvendor: bool = False
+    vendored: bool = False  # inside a vendored directory
+
+
 @dataclass(slots=True)
 class _Descend:
     path: str
     rel: str
-    attr: bool
-    ignore: bool
+    scope: _Scope
 
 
 class GitView:
@@ -126,8 +140,45 @@ def _printable(rel: str) -> str:
     return rel.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
 
 
+# `-linguist-vendored` or `linguist-vendored=false` (what git reports as unset / false).
+_UNVENDOR = re.compile(rb"(?:^|\s)(?:-linguist-vendored|linguist-vendored=(?:false|0|no))(?:\s|$)", re.MULTILINE)
+ATTRS_READ_LIMIT = 1 << 20  # git itself ignores attribute files past 100 MB
+
+
+def _unvendors(path: str) -> bool:
+    """Whether the .gitattributes at `path` turns linguist-vendored off for some pattern.
+
+    Read like corpus files (no links followed, never blocking on a FIFO, at most 1 MiB): it only
+    decides whether vendored directories below are walked; git decides for each file.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return False
+        data = os.read(fd, ATTRS_READ_LIMIT)
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+    return _UNVENDOR.search(data) is not None
+
+
+def _scope_of(path: str, names: set[str], scope: _Scope, rules: P.PathRules) -> _Scope:
+    attrs_here = ".gitattributes" in names
+    return _Scope(
+        attr=scope.attr or attrs_here,
+        ignore=scope.ignore or ".gitignore" in names,
+        unvendor=scope.unvendor or (attrs_here and rules.config.skip_vendored
+                                    and _unvendors(os.path.join(path, ".gitattributes"))),
+        vendored=scope.vendored,
+    )
+
+
 def _entries(
-    path: str, rel: str, attr: bool, ignore: bool, rules: P.PathRules, marks: Mapping[str, str]
+    path: str, rel: str, scope: _Scope, rules: P.PathRules, marks: Mapping[str, str]
 ) -> Iterator[Found | Skipped | _Descend]:
     try:
         with os.scandir(path) as it:
@@ -135,9 +186,7 @@ def _entries(
     except OSError as exc:
         yield Skipped(rel or "./", P.UNREADABLE, detail=exc.strerror)
         return
-    names = {e.name for e in entries}
-    attr = attr or ".gitattributes" in names
-    ignore = ignore or ".gitignore" in names
+    scope = _scope_of(path, {e.name for e in entries}, scope, rules)
     keyed = [(e.name + "/" if e.is_dir(follow_symlinks=False) else e.name, e) for e in entries]
     keyed.sort(key=lambda pair: pair[0])
     for key, entry in keyed:
@@ -150,7 +199,10 @@ def _entries(
                 continue
         if key.endswith("/"):
             reason = rules.prune_dir(entry.name) or marks.get(child)
-            yield Skipped(child, reason) if reason else _Descend(entry.path, child, attr, ignore)
+            if reason == P.VENDORED and scope.unvendor:
+                yield _Descend(entry.path, child, replace(scope, vendored=True))
+            else:
+                yield Skipped(child, reason) if reason else _Descend(entry.path, child, scope)
         elif entry.is_symlink():
             yield Skipped(child, P.SYMLINK, detail=_readlink(entry.path))
         elif entry.is_file(follow_symlinks=False):
@@ -159,7 +211,8 @@ def _entries(
             if child in marks:
                 yield Skipped(child, marks[child])
             else:
-                yield Found(child, entry.stat(follow_symlinks=False).st_size, attr, ignore)
+                size = entry.stat(follow_symlinks=False).st_size
+                yield Found(child, size, scope.attr, scope.ignore, scope.vendored)
         else:
             yield Skipped(child, P.SPECIAL)
 
@@ -183,12 +236,12 @@ def walk(
     An explicit stack instead of recursion: a hostile tree may nest deeper than Python's limit.
     """
     marks = marks or {}
-    stack = [_entries(str(root), "", attrs_above, False, rules, marks)]
+    stack = [_entries(str(root), "", _Scope(attr=attrs_above), rules, marks)]
     while stack:
         item = next(stack[-1], None)
         if item is None:
             stack.pop()
         elif isinstance(item, _Descend):
-            stack.append(_entries(item.path, item.rel, item.attr, item.ignore, rules, marks))
+            stack.append(_entries(item.path, item.rel, item.scope, rules, marks))
         else:
             yield item
