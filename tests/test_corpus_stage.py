@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -166,8 +167,13 @@ def test_process_pool_gives_the_same_corpus_as_one_process(tmp_path):
     (folder / "d3" / "blob.bin").write_bytes(b"\0" * 10)
     assert builder.BATCH_FILES < 360  # several batches, so order across workers matters
     one = _build_plain(folder, tmp_path, jobs=1, inline_files=0)
-    pool = _build_plain(folder, tmp_path, jobs=2, inline_files=0)
-    assert pool == one
+    main = sys.modules["__main__"]
+    # Two pool builds on two threads at once: each swaps `__main__` while starting workers.
+    with ThreadPoolExecutor(2) as threads:
+        pools = [threads.submit(_build_plain, folder, tmp_path / name, jobs=2, inline_files=0)
+                 for name in ("p1", "p2")]
+        assert [f.result() for f in pools] == [one, one]
+    assert sys.modules["__main__"] is main
     assert b"# d5/f59.py\n" in one[0]
 
 

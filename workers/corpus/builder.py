@@ -12,6 +12,7 @@ import itertools
 import multiprocessing
 import os
 import sys
+import threading
 import time
 import types
 from collections import Counter, deque
@@ -152,6 +153,10 @@ def _context() -> multiprocessing.context.BaseContext:
     return ctx
 
 
+# Serialises every swap of sys.modules["__main__"] in this process (see _import_safe_main).
+_MAIN_LOCK = threading.Lock()
+
+
 @contextmanager
 def _import_safe_main() -> Iterator[None]:
     """Start workers without the caller's `__main__`.
@@ -159,14 +164,23 @@ def _import_safe_main() -> Iterator[None]:
     A forkserver child re-imports the parent's main script unless it is guarded by
     `if __name__ == "__main__"`; an unguarded script calling the builder would then run again
     in every worker. Workers need nothing from `__main__`, so none is handed to them.
+
+    The swap is process-wide, so it is kept small and safe: it happens only while a worker
+    process may be started (`_Runner.submit`), under a lock, so two builders on two threads
+    never save each other's stand-in as "the" main module. In a Ray worker `__main__` is Ray's
+    own default_worker script; nothing of Ray's looks it up by name while a submit runs
+    (cloudpickle pickles `__main__` functions by value without importing the module).
     """
-    main = sys.modules.get("__main__")
-    sys.modules["__main__"] = types.ModuleType("__main__")
-    try:
-        yield
-    finally:
-        if main is not None:
-            sys.modules["__main__"] = main
+    with _MAIN_LOCK:
+        main = sys.modules.get("__main__")
+        sys.modules["__main__"] = types.ModuleType("__main__")
+        try:
+            yield
+        finally:
+            if main is None:
+                del sys.modules["__main__"]
+            else:
+                sys.modules["__main__"] = main
 
 
 class _Runner:
@@ -181,6 +195,14 @@ class _Runner:
     def window(self) -> int:
         return 2 * self.jobs if self._pool else 1
 
+    def _may_start_worker(self) -> bool:
+        """True until the pool holds all its workers. A non-fork pool starts them one per
+        `submit`, while none is idle (CPython keeps them in `_processes`)."""
+        if self._pool is None:
+            return True
+        started = getattr(self._pool, "_processes", None)
+        return started is None or len(started) < self.jobs
+
     def submit(self, task: Task, items: list[Item]) -> Future[BatchResult]:
         real = sum(1 for item in items if not item.skip)
         if not real or (self._pool is None and (self.jobs <= 1 or self._inline_left > 0)):
@@ -188,7 +210,9 @@ class _Runner:
             future: Future[BatchResult] = Future()
             future.set_result(examine_batch(task, items))
             return future
-        with _import_safe_main():  # workers start lazily, inside submit()
+        if not self._may_start_worker():
+            return self._pool.submit(examine_batch, task, items)  # type: ignore[union-attr]
+        with _import_safe_main():
             if self._pool is None:
                 self._pool = ProcessPoolExecutor(self.jobs, mp_context=_context())
             return self._pool.submit(examine_batch, task, items)
