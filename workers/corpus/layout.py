@@ -49,7 +49,8 @@ def _escape(match: re.Match[str]) -> str:
 def header_line(display: str, language: str | None) -> bytes:
     """A comment naming the file, so the model learns how files begin: always one line."""
     start, end = comment_marks(language)
-    shown = _UNSAFE.sub(_escape, display)
+    # isprintable() is False for every character _UNSAFE matches: the common case skips the regex.
+    shown = display if display.isprintable() else _UNSAFE.sub(_escape, display)
     if end:
         token, broken = _CLOSERS[end]
         shown = shown.replace(token, broken)
