@@ -33,7 +33,7 @@ from orchestrator import pipeline, ray_runtime
 from orchestrator.liveness import Reconciler, heartbeat_interval
 from orchestrator.settings import Settings
 from orchestrator.store import RunStore
-from schemas.errors import DatabaseUnavailable, IllegalTransition, StorageError
+from schemas.errors import DatabaseUnavailable, IllegalTransition, StorageError, UserError
 from schemas.events import Event, EventKind
 from schemas.run import RunSpec
 from schemas.status import RunStatus, Stage
@@ -43,6 +43,8 @@ log = logging.getLogger("charforge.dispatcher")
 
 # How long a run whose corpus another run is building waits before looking again.
 CORPUS_WAIT_S = 1.0
+# How long a task may wait for Ray to place it before the run's log says so.
+WAITING_NOTE_S = 120.0
 _FENCED_KINDS = frozenset({EventKind.PROGRESS, EventKind.METRIC, EventKind.NODE})
 
 
@@ -66,6 +68,8 @@ class Flight:
     outcome: Any = None  # a finished stage's result or Failure, until the store has it
     worker: tuple[str, int] | None = None  # (node id, pid) running the current attempt
     waiting_for: str | None = None  # the run building the corpus this one needs
+    launched_at: float | None = None  # when the current task was submitted (see _note_waiting)
+    asks: str = ""  # the Ray resources the current task asked for
 
 
 @dataclass
@@ -100,6 +104,10 @@ class Dispatcher:
         self._accelerator = ray_runtime.accelerator_resource(self.settings.accelerator)
         if self.settings.train_cpus > 0:
             self._num_cpus = self.settings.train_cpus
+            biggest = ray_runtime.largest_node_cpus()
+            if self._num_cpus > biggest:
+                raise UserError(f"CHARFORGE_TRAIN_CPUS={self._num_cpus}, but no Ray node has more than "
+                                f"{biggest} CPUs: training could never be placed")
         else:
             self._num_cpus = ray_runtime.cluster_cpus() if self.settings.embedded else 1
         self._relay = self._new_relay()
@@ -126,6 +134,11 @@ class Dispatcher:
         The relay goes too: from then on other dispatchers see this one as gone, so a run that
         could not be queued again here (the database was away) is recovered by them.
         """
+        if self._relay is not None:
+            try:  # what the stages already said belongs in the store before they go
+                self._relay_events()
+            except Exception as exc:  # noqa: BLE001 - stopping goes on regardless
+                log.warning("could not write the last progress events: %s", exc)
         for flight in list(self.flights.values()):
             self._kill(flight)
             if requeue:
@@ -157,6 +170,7 @@ class Dispatcher:
         self._enforce_ownership()
         self._claim()
         self._launch_due()
+        self._note_waiting()
         self._reconcile()
         self._reap()
 
@@ -168,6 +182,7 @@ class Dispatcher:
         except ray.exceptions.RayActorError:
             # Without its relay this dispatcher looks dead to the others: give its runs back.
             log.error("the progress relay died: re-queueing this dispatcher's runs")
+            self._relay = None  # gone: stop() must neither drain nor kill it
             self.stop(requeue=True)
             self._relay = self._new_relay()
             return
@@ -219,9 +234,27 @@ class Dispatcher:
             if flight.outcome is None:
                 continue
             if isinstance(flight.outcome, pipeline.Failure):
-                self._stage_failed(flight, flight.outcome)
+                self._guarded(flight, self._stage_failed, flight.outcome)
             else:
-                self._stage_done(flight, flight.outcome)
+                self._guarded(flight, self._stage_done, flight.outcome)
+
+    def _guarded(self, flight: Flight, action: Any, *args: Any) -> None:
+        """Run `action` for one flight; an unexpected error fails that run, not the dispatcher.
+
+        The database being away is everyone's problem: it goes up to the caller's loop, which
+        retries. Anything else (a Ray hiccup launching a task, a bug) is classified like a
+        stage's own failure: retried with backoff when it is infrastructure, else the run fails
+        with an "internal error" line and the traceback in its log.
+        """
+        try:
+            action(flight, *args)
+        except DatabaseUnavailable:
+            raise
+        except Exception as exc:  # noqa: BLE001 - classified, logged, and charged to this run only
+            log.exception("run %s: %s", flight.run_id, exc)
+            flight.ref = None
+            flight.stage = flight.stage or pipeline.next_stage(flight.results) or Stage.SAMPLE
+            self._stage_failed(flight, pipeline.classify(exc, flight.stage))
 
     # Both handlers write the store first and change the flight last: if the database is away,
     # the outcome stays on the flight and the next tick settles it again.
@@ -236,11 +269,11 @@ class Dispatcher:
         if stage is Stage.TRAIN:
             self._prune_checkpoints(flight.run_id)
         flight.results[stage] = result
-        flight.outcome, flight.failures, flight.worker = None, 0, None
         if pipeline.next_stage(flight.results) is None:
-            self._finish(flight, RunStatus.SUCCEEDED)
+            self._finish(flight, RunStatus.SUCCEEDED)  # raises, outcome kept, if the database is away
         else:
             flight.retry_at = time.monotonic()  # launched by _launch_due
+        flight.outcome, flight.failures, flight.worker = None, 0, None
 
     def _stage_failed(self, flight: Flight, failure: pipeline.Failure) -> None:
         stage, failures = flight.stage, flight.failures + 1
@@ -277,38 +310,54 @@ class Dispatcher:
 
     def _launch(self, flight: Flight) -> None:
         """Start the run's next stage, unless the run stopped being ours meanwhile."""
-        from workers.remote import StageContext, run_stage, stage_options
+        from workers.remote import run_stage, stage_options
 
         status, owner = self.store.owners([flight.run_id]).get(flight.run_id, (None, None))
         if status is not RunStatus.RUNNING or owner != self.dispatcher_id:
             self.flights.pop(flight.run_id, None)  # cancelled in the hand-off, or during a backoff
             return
         stage = pipeline.next_stage(flight.results)
+        if stage is None:  # every stage is done (stopped between the last result and the finish)
+            self._finish(flight, RunStatus.SUCCEEDED)
+            return
         if stage is Stage.CORPUS and self._corpus_busy(flight):
             flight.retry_at = time.monotonic() + CORPUS_WAIT_S
             return
         flight.attempt = self.store.start_attempt(flight.run_id, stage, self.dispatcher_id)
-        flight.stage, flight.retry_at = stage, None
+        flight.stage = stage  # a launch that fails below is that attempt's failure (_guarded)
         heavy = stage in (Stage.TRAIN, Stage.SAMPLE)
-        ctx = StageContext(
-            run_id=flight.run_id,
-            storage_url=self.settings.storage_url,
-            s3_endpoint_url=self.settings.s3_endpoint_url,
-            git_base_url=self.settings.git_base_url,
-            num_threads=self._num_cpus if heavy else 1,
-            use_accelerator=self._accelerator is not None,
-        )
+        ctx = pipeline.stage_context(self.settings, flight.run_id, num_threads=self._num_cpus if heavy else 1,
+                                     use_accelerator=self._accelerator is not None)
         options = stage_options(stage, num_cpus=ctx.num_threads, accelerator=self._accelerator,
                                 run_id=flight.run_id, prefer_node=None if heavy or not self._accelerator
                                 else self._cpu_nodes.pick(without=self._accelerator))
         inputs = pipeline.stage_inputs(stage, flight.run_id, flight.spec, flight.results)
         flight.ref = run_stage.options(**options).remote(stage, ctx, inputs, self._relay)
+        flight.retry_at, flight.launched_at = None, time.monotonic()
+        flight.asks = ", ".join(f"{k}={v}" for k, v in options.items() if k in ("num_cpus", "num_gpus", "resources"))
+
+    def _note_waiting(self) -> None:
+        """Say in the run's log when a task has waited long for Ray to place it.
+
+        Ray keeps a task it cannot place pending (the accelerator nodes left, or no node has the
+        CPUs asked for): the run is alive but going nowhere, and the user should know why.
+        """
+        now = time.monotonic()
+        for flight in self.flights.values():
+            waited = now - (flight.launched_at or now)
+            if flight.ref is not None and flight.worker is None and waited > WAITING_NOTE_S:
+                self.store.append_log(
+                    flight.run_id, f"{flight.stage.value} has waited {waited:.0f}s for Ray to place it "
+                    f"(it asks for {flight.asks}); check `ray status` for free resources",
+                    stage=flight.stage.value,
+                )
+                flight.launched_at = now  # again after another WAITING_NOTE_S
 
     def _launch_due(self) -> None:
         now = time.monotonic()
         for flight in list(self.flights.values()):
             if flight.ref is None and flight.retry_at is not None and flight.retry_at <= now:
-                self._launch(flight)
+                self._guarded(flight, self._launch)
 
     def _corpus_busy(self, flight: Flight) -> bool:
         """Whether another run is building this run's corpus now: then wait and reuse it.
@@ -335,11 +384,17 @@ class Dispatcher:
             return
         for view in self.store.claim(self.dispatcher_id, room, only=self.only_runs):
             self._fenced.discard(view.id)
-            spec = RunSpec.model_validate(view.spec)
-            results = pipeline.load_results(self.store.results(view.id))
-            self.flights[view.id] = Flight(view.id, spec, results, retry_at=time.monotonic())
-            if results:
-                self.store.append_log(view.id, f"continuing after {', '.join(s.value for s in results)}")
+            flight = Flight(view.id, None, {}, retry_at=time.monotonic())  # type: ignore[arg-type]
+            self.flights[view.id] = flight
+            self._guarded(flight, self._load)
+
+    def _load(self, flight: Flight) -> None:
+        """A claimed run's spec and the results of the stages it already finished."""
+        flight.spec = RunSpec.model_validate(self.store.get_run(flight.run_id).spec)
+        flight.results = pipeline.load_results(self.store.results(flight.run_id))
+        if flight.results:
+            done = ", ".join(s.value for s in flight.results)
+            self.store.append_log(flight.run_id, f"continuing after {done}")
 
     def _enforce_ownership(self) -> None:
         if not self.flights:

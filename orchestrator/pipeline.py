@@ -47,6 +47,16 @@ def sample_checkpoint(run_id: str, which: str, train: TrainResult) -> str:
     return keys.checkpoint(run_id, int(which))
 
 
+def stage_context(settings: Any, run_id: str, *, num_threads: int, use_accelerator: bool) -> Any:
+    """What a stage task needs from the settings (storage, git) besides its inputs."""
+    from workers.remote import StageContext
+
+    return StageContext(
+        run_id=run_id, storage_url=settings.storage_url, s3_endpoint_url=settings.s3_endpoint_url,
+        git_base_url=settings.git_base_url, num_threads=num_threads, use_accelerator=use_accelerator,
+    )
+
+
 def stage_inputs(stage: Stage, run_id: str, spec: RunSpec, results: dict[Stage, Any]) -> dict[str, Any]:
     if stage is Stage.FETCH:
         return {"repos": spec.repos, "corpus": spec.corpus}

@@ -65,7 +65,7 @@ def connect(address: str | None, *, num_cpus: int | None = None) -> bool:
         else:
             # address="local": a new private instance, never a `ray start` cluster found in /tmp/ray.
             ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, **common)
-    except (ConnectionError, RuntimeError, ValueError) as exc:
+    except (ConnectionError, RuntimeError, ValueError, ray.exceptions.RayError) as exc:  # a wrong token: AuthenticationError
         hint = ""
         if address and os.environ.get("RAY_AUTH_MODE") == "token" and not _token_configured():
             hint = " (token auth is on: set RAY_AUTH_TOKEN to the cluster's token)"
@@ -132,6 +132,13 @@ class NodePicker:
             return None
         self._turn += 1
         return self._nodes[self._turn % len(self._nodes)]
+
+
+def largest_node_cpus() -> int:
+    """The most CPUs any one live node has: a task asking for more can never be placed."""
+    import ray
+
+    return int(max((n["Resources"].get("CPU", 0) for n in ray.nodes() if n.get("Alive")), default=0))
 
 
 def cluster_cpus() -> int:

@@ -87,6 +87,12 @@ class RunStore(ClusterQueries):
         if migrate:
             self._guard(lambda: db.is_current(self.engine) or db.upgrade(self.engine))
 
+    def require_schema(self) -> None:
+        """Refuse to work on a database that `charforge db upgrade` has not brought up to date."""
+        if not self._guard(lambda: db.is_current(self.engine)):
+            raise UserError(f"the database at {db.redact(self.url)} does not have charforge's current "
+                            "schema: run `charforge db upgrade`")
+
     def close(self) -> None:
         self.engine.dispose()
 

@@ -56,3 +56,14 @@ def test_submit_on_postgresql_and_seaweedfs(services_env, git_server, tmp_path):
     assert info["destination"] == out and info["runs"] == 1 and info["samples"] == 16
     with urllib.request.urlopen(info["url"], timeout=10) as response:  # the presigned URL works
         assert response.read(2) == b"PK"
+
+
+def test_a_database_never_upgraded_is_one_line(fresh_postgres_url, monkeypatch, tmp_path):
+    monkeypatch.setenv("CHARFORGE_HOME", str(tmp_path))
+    monkeypatch.setenv("CHARFORGE_DATABASE_URL", fresh_postgres_url())
+    result = invoke("jobs", "list")
+    assert result.exit_code == 1
+    assert "does not have charforge's current schema: run `charforge db upgrade`" in result.stderr
+    assert result.stderr.count("\n") == 1
+    assert invoke("db", "upgrade").exit_code == 0
+    assert invoke("jobs", "list").exit_code == 0

@@ -116,6 +116,10 @@ def run_stage(stage: Stage, ctx: StageContext, inputs: dict[str, Any], relay: An
         return _call_stage(stage, ctx, inputs, reporter)
     finally:
         reporter.flush()
+        # Pushes are fire-and-forget, and Ray orders a caller's calls to an actor: waiting for
+        # one more (empty) push means every batch above is in the relay before the dispatcher
+        # sees this task's result (a sample batch's artifact must not arrive after the finish).
+        ray.get(relay.push.remote(ctx.run_id, []))
 
 
 def stage_options(

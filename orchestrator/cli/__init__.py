@@ -16,6 +16,7 @@ from typing import Annotated, Any
 import click
 import typer
 from pydantic import ValidationError
+from rich.markup import escape
 from typer.core import TyperGroup
 
 from orchestrator.cli import context
@@ -36,7 +37,7 @@ class CharforgeGroup(TyperGroup):
             message = exc.message
         except ValidationError as exc:  # an option value a config model refused
             message = f"invalid option: {_invalid(exc)}"
-        context.err.print(f"[red]error:[/red] {message}", markup=True, soft_wrap=True)
+        context.err.print(f"[red]error:[/red] {escape(message)}", markup=True, soft_wrap=True)
         raise typer.Exit(1)
 
 

@@ -24,8 +24,13 @@ def settings(**overrides: Any) -> Settings:
 
 
 def store(cfg: Settings) -> RunStore:
-    """The run store; the embedded SQLite default is migrated automatically."""
-    return RunStore(cfg.database_url, migrate=cfg.database_url.startswith("sqlite"))
+    """The run store: SQLite (the embedded default) is migrated automatically; any other database
+    must have been brought up to date with `charforge db upgrade`."""
+    embedded = cfg.database_url.startswith("sqlite")
+    run_store = RunStore(cfg.database_url, migrate=embedded)
+    if not embedded:
+        run_store.require_schema()
+    return run_store
 
 
 def is_tty() -> bool:

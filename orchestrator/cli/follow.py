@@ -11,7 +11,9 @@ import logging
 import threading
 import time
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -20,17 +22,20 @@ from rich.progress import (
     TimeElapsedColumn,
 )
 
-from orchestrator.cli import context
+from orchestrator.cli import context, render
 from orchestrator.settings import Settings
 from orchestrator.store import RunStore
 from schemas.errors import DatabaseUnavailable, IllegalTransition
-from schemas.status import TERMINAL
+from schemas.status import TERMINAL, RunStatus
 from schemas.views import RunView
+
+if TYPE_CHECKING:
+    from orchestrator.dispatcher import Dispatcher
 
 log = logging.getLogger("charforge.cli")
 
 
-def describe(view: RunView) -> str:
+def describe(view: RunView, stale_after: float) -> str:
     stage = f" {view.stage.value}" if view.stage and view.status.value == "running" else ""
     loss = view.metrics.get("train_loss")
     speed = view.metrics.get("chars_per_sec")
@@ -39,21 +44,21 @@ def describe(view: RunView) -> str:
         extra += f" loss {loss:.3f}"
     if speed:
         extra += f" {speed:,.0f} chars/s"
-    return f"{view.name} [dim]{view.id}[/dim] {view.status.value}{stage}{extra}"
+    return f"{escape(view.name)} [dim]{view.id}[/dim] {render.status_word(view, stale_after)}{stage}{extra}"
 
 
-def follow(store: RunStore, run_ids: Sequence[str], *, bars: bool, poll: float = 0.5,
+def follow(store: RunStore, run_ids: Sequence[str], *, bars: bool, stale_after: float, poll: float = 0.5,
            stop: threading.Event | None = None) -> list[RunView]:
     """Show progress until every run is finished (or `stop` is set); return their final views."""
     if not bars:
-        return _follow_lines(store, run_ids, poll, stop)
+        return _follow_lines(store, run_ids, poll, stop, stale_after)
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=context.err, transient=False) as progress:
         tasks = {rid: progress.add_task(rid, total=None) for rid in run_ids}
         while True:
             views = store.get_runs(run_ids)
             for view in views:
-                progress.update(tasks[view.id], description=describe(view),
+                progress.update(tasks[view.id], description=describe(view, stale_after),
                                 completed=view.step or 0, total=view.total_steps)
             if all(v.status in TERMINAL for v in views) or (stop and stop.is_set()):
                 return views
@@ -61,7 +66,7 @@ def follow(store: RunStore, run_ids: Sequence[str], *, bars: bool, poll: float =
 
 
 def _follow_lines(store: RunStore, run_ids: Sequence[str], poll: float,
-                  stop: threading.Event | None) -> list[RunView]:
+                  stop: threading.Event | None, stale_after: float) -> list[RunView]:
     """Without a terminal: one line per status or stage change, for logs and CI."""
     seen: dict[str, tuple[str, str | None]] = {}
     while True:
@@ -70,7 +75,7 @@ def _follow_lines(store: RunStore, run_ids: Sequence[str], poll: float,
             state = (view.status.value, view.stage.value if view.stage else None)
             if seen.get(view.id) != state:
                 seen[view.id] = state
-                context.err.print(describe(view))
+                context.err.print(describe(view, stale_after))
         if all(v.status in TERMINAL for v in views) or (stop and stop.is_set()):
             return views
         time.sleep(poll)
@@ -85,7 +90,11 @@ def run_embedded(cfg: Settings, store: RunStore, run_ids: Sequence[str], *, bars
     from orchestrator.dispatcher import Dispatcher
 
     dispatcher = Dispatcher(store, cfg, only_runs=set(run_ids))
-    dispatcher.start()
+    try:
+        dispatcher.start()
+    except BaseException as exc:
+        _fail_unfinished(store, run_ids, f"could not start the local dispatcher: {exc}")
+        raise
     stop = threading.Event()
     failure: list[BaseException] = []
 
@@ -104,7 +113,7 @@ def run_embedded(cfg: Settings, store: RunStore, run_ids: Sequence[str], *, bars
     thread = threading.Thread(target=loop, name="charforge-dispatcher", daemon=True)
     thread.start()
     try:
-        views = follow(store, run_ids, bars=bars, stop=stop)
+        views = follow(store, run_ids, bars=bars, stale_after=cfg.heartbeat_timeout, stop=stop)
     except KeyboardInterrupt:
         context.err.print("interrupted: cancelling")
         for rid in run_ids:
@@ -112,20 +121,31 @@ def run_embedded(cfg: Settings, store: RunStore, run_ids: Sequence[str], *, bars
                 store.cancel(rid)
             except IllegalTransition:
                 pass
-        views = follow(store, run_ids, bars=False, stop=stop)
+        views = follow(store, run_ids, bars=False, stale_after=cfg.heartbeat_timeout, stop=stop)
         _wait_idle(dispatcher, stop)
     finally:
         stop.set()
         thread.join(timeout=30)
-        dispatcher.stop(requeue=True)
+        dispatcher.stop(requeue=not failure)
         if dispatcher.owns_ray:
             ray_runtime.shutdown()
     if failure:
+        # Nothing else will drive these runs: fail them (then `jobs resume` continues them).
+        _fail_unfinished(store, run_ids, f"the local dispatcher stopped: {failure[0]}")
         raise failure[0]
     return views
 
 
-def _wait_idle(dispatcher: object, stop: threading.Event, timeout: float = 15.0) -> None:
+def _fail_unfinished(store: RunStore, run_ids: Sequence[str], error: str) -> None:
+    for view in store.get_runs(run_ids):
+        if view.status not in TERMINAL:
+            try:
+                store.transition(view.id, RunStatus.FAILED, expected=view.status, error=error)
+            except IllegalTransition:
+                pass
+
+
+def _wait_idle(dispatcher: Dispatcher, stop: threading.Event, timeout: float = 15.0) -> None:
     deadline = time.monotonic() + timeout
-    while getattr(dispatcher, "flights", None) and time.monotonic() < deadline and not stop.is_set():
+    while not dispatcher.idle and time.monotonic() < deadline and not stop.is_set():
         time.sleep(0.2)

@@ -7,6 +7,7 @@ import time
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 
 from orchestrator.cli import context, render
 from orchestrator.cli.follow import follow
@@ -22,20 +23,6 @@ JsonFlag = Annotated[bool, typer.Option("--json", help="Print JSON for scripts i
 
 class RunsFailed(UserError):
     pass
-
-
-def _checkpoint_of(view: RunView) -> str:
-    """The checkpoint a fine-tuning run starts from: the best of `view`, else its latest."""
-    ckpts = view.checkpoints
-    if not ckpts:
-        raise UserError(f"run {view.id} has no checkpoint to start from")
-    best = [c for c in ckpts if c.meta.get("best")]
-    if best:
-        return best[-1].key
-    scored = [c for c in ckpts if c.meta.get("val_loss") is not None]
-    if scored:
-        return min(scored, key=lambda c: c.meta["val_loss"]).key
-    return max(ckpts, key=lambda c: c.meta.get("step") or 0).key
 
 
 @jobs_app.command()
@@ -73,8 +60,10 @@ def submit(
     groups = [repo] if combine else [[r] for r in repo]
     init_key = None
     if init_from:
-        source = store.get_run(init_from)
-        init_from, init_key = source.id, _checkpoint_of(source)
+        from workers.checkpoint import find_checkpoint  # torch: only when fine-tuning
+
+        init_from = store.resolve_id(init_from)
+        init_key = find_checkpoint(cfg.storage(), init_from, "best")
     specs: list[RunSpec] = []
     for group in groups:
         spec = build_run_spec(group, name=name, preset=preset, sets=set_ or (), corpus_overrides=overrides,
@@ -84,21 +73,21 @@ def submit(
     ids = [r.id for r in runs]
     if detach or not cfg.embedded:
         if json_:
-            render.print_json([render.summary_json(r) for r in runs])
+            render.print_json([render.status_json(r, cfg.heartbeat_timeout) for r in runs])
         else:
             for r in runs:
-                context.out.print(f"queued run {r.id} ({r.name})")
+                context.out.print(f"queued run {r.id} ({escape(r.name)})")
         return
     from orchestrator.cli.follow import run_embedded
 
     views = run_embedded(cfg, store, ids, bars=context.is_tty() and not json_)
-    _report(views, json_=json_)
+    _report(views, cfg.heartbeat_timeout, json_=json_)
 
 
-def _report(views: list[RunView], *, json_: bool) -> None:
+def _report(views: list[RunView], stale_after: float, *, json_: bool) -> None:
     """End of a followed submit/resume: results, a sample, and exit 1 if any run did not succeed."""
     if json_:
-        render.print_json([v.to_status_json() for v in views])
+        render.print_json([render.status_json(v, stale_after) for v in views])
     else:
         for view in views:
             _print_outcome(view)
@@ -110,12 +99,12 @@ def _report(views: list[RunView], *, json_: bool) -> None:
 
 def _print_outcome(view: RunView) -> None:
     style = render.STATUS_STYLE.get(view.status.value, "")
-    context.out.print(f"run {view.id} ({view.name}): [{style}]{view.status.value}[/{style}]"
+    context.out.print(f"run {view.id} ({escape(view.name)}): [{style}]{view.status.value}[/{style}]"
                       + (f", best val {render.bits(view.best_val_loss)}" if view.best_val_loss else ""))
     if view.status is RunStatus.SUCCEEDED and view.sample_batches:
         text = _first_sample(view.sample_batches[-1].key)
         if text is not None:
-            context.out.rule(f"sample from {view.name}")
+            context.out.rule(f"sample from {escape(view.name)}")
             context.out.print(text, markup=False)
             context.out.rule()
 
@@ -141,14 +130,14 @@ def status(run: Annotated[str, typer.Argument(help="Run id (or a unique prefix).
 @jobs_app.command("list")
 def list_(
     status_: Annotated[RunStatus | None, typer.Option("--status", help="Only runs with this status.")] = None,
-    limit: Annotated[int, typer.Option(help="At most this many runs, newest first.")] = 50,
+    limit: Annotated[int, typer.Option(min=1, help="At most this many runs, newest first.")] = 50,
     json_: JsonFlag = False,
 ) -> None:
     """List runs, newest first."""
     cfg = context.settings()
     runs = context.store(cfg).list_runs(status=status_, limit=limit)
     if json_:
-        render.print_json([render.summary_json(r) for r in runs])
+        render.print_json([render.summary_json(r, cfg.heartbeat_timeout) for r in runs])
     else:
         render.print_list(runs, cfg.heartbeat_timeout)
 
@@ -156,7 +145,8 @@ def list_(
 @jobs_app.command()
 def watch(runs: Annotated[list[str] | None, typer.Argument(help="Run ids; default: every active run.")] = None) -> None:
     """Follow runs with live progress until they finish (reads the store; Ctrl-C stops watching)."""
-    store = context.store(context.settings())
+    cfg = context.settings()
+    store = context.store(cfg)
     if runs:
         ids = [store.resolve_id(r) for r in runs]
     else:
@@ -165,7 +155,7 @@ def watch(runs: Annotated[list[str] | None, typer.Argument(help="Run ids; defaul
         context.out.print("no active runs")
         return
     try:
-        views = follow(store, ids, bars=context.is_tty())
+        views = follow(store, ids, bars=context.is_tty(), stale_after=cfg.heartbeat_timeout)
     except KeyboardInterrupt:
         return
     for view in views:
@@ -194,9 +184,16 @@ def logs(
 def cancel(runs: Annotated[list[str], typer.Argument(help="Run ids to cancel.")]) -> None:
     """Cancel runs: queued ones never start, running ones have their Ray tasks killed. Idempotent."""
     store = context.store(context.settings())
-    for run in runs:
-        view = store.cancel(run)
+    refused = []
+    for run in runs:  # each run on its own: one that cannot be cancelled does not stop the rest
+        try:
+            view = store.cancel(run)
+        except (UserError, IllegalTransition) as exc:
+            refused.append(exc.message)
+            continue
         context.out.print(f"run {view.id}: {view.status.value}")
+    if refused:
+        raise UserError("; ".join(refused))
 
 
 @jobs_app.command()
@@ -210,14 +207,14 @@ def resume(
     store = context.store(cfg)
     view = store.resume(run)
     if detach or not cfg.embedded:
-        context.out.print(f"queued run {view.id} again")
+        if json_:
+            render.print_json([render.status_json(view, cfg.heartbeat_timeout)])
+        else:
+            context.out.print(f"queued run {view.id} again")
         return
     from orchestrator.cli.follow import run_embedded
 
-    try:
-        views = run_embedded(cfg, store, [view.id], bars=context.is_tty() and not json_)
-    except IllegalTransition as exc:  # pragma: no cover - raced with another dispatcher
-        raise UserError(exc.message) from None
-    _report(views, json_=json_)
+    views = run_embedded(cfg, store, [view.id], bars=context.is_tty() and not json_)
+    _report(views, cfg.heartbeat_timeout, json_=json_)
 
 

@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
+from rich.markup import escape
 from rich.table import Table
 
 from orchestrator.cli import context
@@ -44,9 +45,7 @@ def status_word(run: RunSummary, stale_after: float) -> str:
 
 def status_json(view: RunView, stale_after: float) -> dict[str, Any]:
     """`jobs status --json`: the documented object, plus how long a running run has been silent."""
-    silent = view.silent_for(datetime.now(UTC))
-    return {**view.to_status_json(), "heartbeat_age_s": None if silent is None else round(silent, 1),
-            "stale": silent is not None and silent > stale_after}
+    return {**view.to_status_json(), "repos": repos_of(view), **_silence(view, stale_after)}
 
 
 def status_lines(view: RunView, stale_after: float) -> list[tuple[str, str]]:
@@ -58,10 +57,10 @@ def status_lines(view: RunView, stale_after: float) -> list[tuple[str, str]]:
         rows.append(("note", "its dispatcher may be gone; a running `charforge serve` recovers it "
                              "(it resumes from its last checkpoint)"))
     if view.error:
-        rows.append(("error", f"[red]{view.error}[/red]"))
-    for repo in view.repos or [{"spec": r.get("spec"), "commit": None} for r in view.spec.get("repos", [])]:
+        rows.append(("error", f"[red]{escape(view.error)}[/red]"))
+    for repo in repos_of(view):
         commit = (repo.get("commit") or "")[:12] or "-"
-        rows.append(("repo", f"{repo.get('spec')} @ {commit}"))
+        rows.append(("repo", f"{escape(str(repo.get('spec')))} @ {commit}"))
     if view.corpus:
         c = view.corpus
         rows.append(("corpus", f"{c.get('files')} files, {human_size(c.get('bytes'))}, "
@@ -83,14 +82,14 @@ def status_lines(view: RunView, stale_after: float) -> list[tuple[str, str]]:
     for a in view.attempts:
         node = (a.node_id or "-")[:12]
         rows.append(("attempt", f"{a.stage.value} #{a.attempt} on node {node}: {a.outcome or 'running'}"
-                     + (f" ({a.error})" if a.error else "")))
+                     + (f" ({escape(a.error)})" if a.error else "")))
     rows += [("created", when(view.created_at)), ("started", when(view.started_at)),
              ("finished", when(view.finished_at))]
     return rows
 
 
 def print_status(view: RunView, stale_after: float) -> None:
-    context.out.print(f"[bold]run {view.id}[/bold]  {view.name}")
+    context.out.print(f"[bold]run {view.id}[/bold]  {escape(view.name)}")
     lines = status_lines(view, stale_after)
     width = max(len(k) for k, _ in lines)
     for key, value in lines:
@@ -107,13 +106,28 @@ def print_list(runs: Sequence[RunSummary], stale_after: float) -> None:
     for r in runs:
         step = f"{r.step}/{r.total_steps}" if r.total_steps else "-"
         best = f"{r.best_val_loss:.3f}" if r.best_val_loss is not None else "-"
-        table.add_row(r.id, r.name, status_word(r, stale_after),
+        table.add_row(r.id, escape(r.name), status_word(r, stale_after),
                       r.stage.value if r.stage else "-", step, best, when(r.created_at))
     context.out.print(table)
 
 
-def summary_json(run: RunSummary) -> dict[str, Any]:
-    return json.loads(run.model_dump_json(include={
+def repos_of(view: RunView) -> list[dict[str, Any]]:
+    """The run's repos with their commits once fetched; before that, as submitted."""
+    if view.repos:
+        return view.repos
+    return [{"spec": r.get("spec"), "url": None, "commit": None} for r in view.spec.get("repos", [])]
+
+
+def _silence(run: RunSummary, stale_after: float) -> dict[str, Any]:
+    silent = run.silent_for(datetime.now(UTC))
+    return {"heartbeat_age_s": None if silent is None else round(silent, 1),
+            "stale": silent is not None and silent > stale_after}
+
+
+def summary_json(run: RunSummary, stale_after: float) -> dict[str, Any]:
+    """One run in `jobs list --json` (and detached `submit --json`)."""
+    fields = json.loads(run.model_dump_json(include={
         "id", "name", "status", "stage", "created_at", "started_at", "finished_at", "error",
         "step", "total_steps", "best_val_loss", "heartbeat_at",
     }))
+    return {**fields, **_silence(run, stale_after)}
