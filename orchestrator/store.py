@@ -17,12 +17,12 @@ from typing import Any
 
 from sqlalchemy import delete, select, update
 from sqlalchemy.exc import DBAPIError, OperationalError
-from sqlalchemy.orm import Session, selectinload, sessionmaker
+from sqlalchemy.orm import Session, load_only, selectinload, sessionmaker
 
 from orchestrator import db
 from orchestrator.store_cluster import ClusterQueries
 from orchestrator.store_events import apply_event
-from orchestrator.store_views import attempt_view, run_summary, run_view
+from orchestrator.store_views import run_summary, run_view
 from schemas.errors import IllegalTransition, RunNotFound, UserError
 from schemas.events import Event
 from schemas.models import (
@@ -35,7 +35,7 @@ from schemas.models import (
 )
 from schemas.run import RunSpec
 from schemas.status import TERMINAL, RunStatus, Stage, can_transition
-from schemas.views import LogLine, MetricPoint, RunSummary, RunView, StageAttemptView
+from schemas.views import LogLine, MetricPoint, RunSummary, RunView
 
 # Which timestamp each status stamps when a run enters it.
 _STAMPS = {
@@ -147,7 +147,9 @@ class RunStore(ClusterQueries):
     ) -> list[RunSummary]:
         """Run summaries, newest first."""
         with self._session() as session:
-            query = select(Run).order_by(Run.created_at.desc(), Run.id.desc())
+            # Only the summary's columns: not the spec, results or metrics JSON of every run.
+            columns = [getattr(Run, f) for f in RunSummary.model_fields]
+            query = select(Run).options(load_only(*columns)).order_by(Run.created_at.desc(), Run.id.desc())
             if status is not None:
                 query = query.where(Run.status == status.value)
             if ids is not None:
@@ -181,10 +183,6 @@ class RunStore(ClusterQueries):
                 .limit(limit)
             )
             return [LogLine.model_validate(r, from_attributes=True) for r in session.scalars(query)]
-
-    def attempts(self, run_id: str) -> list[StageAttemptView]:
-        with self._session() as session:
-            return [attempt_view(a) for a in self._get_run(session, run_id, full=True).attempts]
 
     # ---- creating and moving -----------------------------------------------------------------
 

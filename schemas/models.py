@@ -62,8 +62,10 @@ class Run(Base):
     __table_args__ = (
         CheckConstraint(_in("status", [s.value for s in RunStatus]), name="ck_runs_status"),
         CheckConstraint(f"stage IS NULL OR {_in('stage', [s.value for s in Stage])}", name="ck_runs_stage"),
-        Index("ix_runs_status_created", "status", "created_at"),
-        Index("ix_runs_status_heartbeat", "status", "heartbeat_at"),
+        Index("ix_runs_status_created", "status", "created_at"),  # jobs list --status
+        Index("ix_runs_created", "created_at"),  # jobs list
+        Index("ix_runs_status_queued", "status", "queued_at"),  # claims, oldest queued first
+        Index("ix_runs_status_heartbeat", "status", "heartbeat_at"),  # stale runs
     )
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True)

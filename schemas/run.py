@@ -12,7 +12,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from schemas.base import Frozen
+from schemas.base import Frozen, describe_errors
 from schemas.corpus import CorpusConfig
 from schemas.errors import InvalidSpec
 from schemas.repo import RepoSpec, parse_repo_spec
@@ -72,19 +72,11 @@ def parse_sets(items: Iterable[str]) -> dict[str, dict[str, Any]]:
     return out
 
 
-def _describe(err: ValidationError, section: str) -> str:
-    parts = []
-    for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"])
-        parts.append(f"{section}.{loc}: {e['msg']} (got {e.get('input')!r})")
-    return "; ".join(parts)
-
-
 def _apply(base: Frozen, section: str, overrides: dict[str, Any]) -> Frozen:
     try:
         return type(base).model_validate({**base.model_dump(), **overrides})
     except ValidationError as err:
-        raise InvalidSpec(f"bad setting: {_describe(err, section)}") from None
+        raise InvalidSpec(f"bad setting: {describe_errors(err, section)}") from None
 
 
 def build_run_spec(

@@ -29,7 +29,6 @@ STAGES: tuple[Stage, ...] = (Stage.FETCH, Stage.CORPUS, Stage.TRAIN, Stage.SAMPL
 TERMINAL: frozenset[RunStatus] = frozenset(
     {RunStatus.SUCCEEDED, RunStatus.FAILED, RunStatus.CANCELLED}
 )
-ACTIVE: frozenset[RunStatus] = frozenset({RunStatus.QUEUED, RunStatus.RUNNING})
 
 # Which moves are legal. RUNNING -> QUEUED is the re-queue of a run whose dispatcher or worker
 # died before anything worth resuming existed; FAILED/CANCELLED -> QUEUED is `jobs resume`.

@@ -182,3 +182,33 @@ def test_unreachable_database_is_one_clear_line() -> None:
     assert message.startswith("cannot reach the database at postgresql://postgres:***@127.0.0.1:1/nothing: ")
     assert "Connection refused" in message
     assert "hunter2" not in message and "\n" not in message
+
+
+def test_upgrade_from_the_first_revision_keeps_runs(tmp_path) -> None:
+    from orchestrator import db
+
+    url = f"sqlite:///{tmp_path / 'old.db'}"
+    engine = db.make_engine(url)
+    db.upgrade(engine, "0001")
+    assert not db.is_current(engine)
+    with engine.begin() as conn:
+        conn.execute(text(
+            "INSERT INTO runs (id, name, status, spec, created_at, claims, recoveries) "
+            "VALUES ('abcdef123456', 'old', 'queued', '{}', '2026-01-01 00:00:00', 0, 0)"
+        ))
+    db.upgrade(engine)
+    assert db.is_current(engine)
+    with engine.connect() as conn:
+        names = {row[1] for row in conn.execute(text("PRAGMA index_list('runs')"))}
+        assert {"ix_runs_created", "ix_runs_status_queued"} <= names
+        assert conn.execute(text("SELECT name FROM runs")).scalar_one() == "old"
+
+
+def test_the_migrations_build_exactly_the_models(store: RunStore) -> None:
+    from alembic.autogenerate import compare_metadata
+    from alembic.runtime.migration import MigrationContext
+
+    from schemas.models import Base
+
+    with store.engine.connect() as conn:
+        assert compare_metadata(MigrationContext.configure(conn), Base.metadata) == []

@@ -20,13 +20,8 @@ from rich.markup import escape
 from typer.core import TyperGroup
 
 from orchestrator.cli import context
+from schemas.base import describe_errors
 from schemas.errors import CharforgeError
-
-
-def _invalid(exc: ValidationError) -> str:
-    return "; ".join(
-        f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']} (got {e.get('input')!r})" for e in exc.errors()
-    )
 
 
 class CharforgeGroup(TyperGroup):
@@ -36,7 +31,7 @@ class CharforgeGroup(TyperGroup):
         except CharforgeError as exc:
             message = exc.message
         except ValidationError as exc:  # an option value a config model refused
-            message = f"invalid option: {_invalid(exc)}"
+            message = f"invalid value: {describe_errors(exc)}"
         context.err.print(f"[red]error:[/red] {escape(message)}", markup=True, soft_wrap=True)
         raise typer.Exit(1)
 

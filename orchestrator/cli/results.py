@@ -12,9 +12,11 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from pydantic import ValidationError
 
 from orchestrator.cli import context, render
 from orchestrator.cli.jobs import JsonFlag, jobs_app
+from schemas.base import describe_errors
 from schemas.errors import UserError
 from schemas.sampling import SampleConfig
 from schemas.status import RunStatus
@@ -36,15 +38,14 @@ def _sample_on_ray(cfg: Any, run_id: str, config: SampleConfig, checkpoint_key: 
                    corpus: Any) -> tuple[Any, list[Any]]:
     import ray
 
-    from orchestrator import ray_runtime
+    from orchestrator import pipeline, ray_runtime
     from schemas.status import Stage
-    from workers.remote import ProgressRelay, StageContext, run_stage, stage_options
+    from workers.remote import ProgressRelay, run_stage, stage_options
 
     ray_runtime.connect(cfg.ray_address)
     accelerator = ray_runtime.accelerator_resource(cfg.accelerator)
     relay = ProgressRelay.remote()
-    ctx = StageContext(run_id=run_id, storage_url=cfg.storage_url, s3_endpoint_url=cfg.s3_endpoint_url,
-                       git_base_url=cfg.git_base_url, num_threads=1, use_accelerator=accelerator is not None)
+    ctx = pipeline.stage_context(cfg, run_id, num_threads=1, use_accelerator=accelerator is not None)
     inputs = {"sample": config, "checkpoint_key": checkpoint_key, "corpus_result": corpus}
     options = stage_options(Stage.SAMPLE, num_cpus=1, accelerator=accelerator)
     result = ray.get(run_stage.options(**options).remote(Stage.SAMPLE, ctx, inputs, relay))
@@ -79,11 +80,14 @@ def sample(
             prime = prime_file.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as exc:
             raise UserError(f"cannot read --prime-file {prime_file}: {exc}") from None
-    config = SampleConfig.model_validate({
-        **view.spec.get("sample", {}), "num_samples": num_samples, "length": length,
-        "temperature": temperature, "top_k": top_k, "prime": prime, "seed": seed, "argmax": argmax,
-        "checkpoint": checkpoint,
-    })
+    try:
+        config = SampleConfig.model_validate({
+            **view.spec.get("sample", {}), "num_samples": num_samples, "length": length,
+            "temperature": temperature, "top_k": top_k, "prime": prime, "seed": seed, "argmax": argmax,
+            "checkpoint": checkpoint,
+        })
+    except ValidationError as err:
+        raise UserError(f"invalid option: {describe_errors(err)}") from None
     key = find_checkpoint(storage, view.id, checkpoint)
     corpus = _corpus_result(store, view.id)
     if cfg.embedded:
