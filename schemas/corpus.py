@@ -37,7 +37,8 @@ class CorpusConfig(Frozen):
     # Drop exact duplicate files (by content hash); the manifest reports them.
     dedupe: bool = True
     # Skip vendored/generated paths (node_modules/, vendor/, third_party/, lock files, *.min.js,
-    # .gitattributes linguist-vendored / linguist-generated).
+    # .gitattributes linguist-vendored / linguist-generated). An explicit linguist-vendored=false
+    # (or -linguist-vendored) in .gitattributes keeps a file even below vendor/ and the like.
     skip_vendored: bool = True
 
     @field_validator("include", "exclude")
