@@ -1,10 +1,11 @@
 """The run store: the one writer path to the database and the source of truth about runs.
 
 Every method opens one session scope that commits or rolls back. ORM objects never leave this
-module: callers get the pydantic views of schemas/views.py. `transition` is the only code that
-changes a run's status: it checks the move against schemas/status.py's table, stamps the matching
-timestamp, and does it as a conditional UPDATE, so two processes can never both make the same move
-(that is also how claims work on SQLite; PostgreSQL adds `FOR UPDATE SKIP LOCKED`).
+module: callers get the pydantic views of schemas/views.py. `_move` is the only code that changes
+a run's status (`transition`, `claim` and `recover` go through it): it checks the move against
+schemas/status.py's table, stamps the matching timestamp, and does it as a conditional UPDATE, so
+two processes can never both make the same move (that is also how claims work on SQLite;
+PostgreSQL adds `FOR UPDATE SKIP LOCKED`).
 """
 
 from __future__ import annotations

@@ -38,7 +38,7 @@ class StageAttemptView(BaseModel):
     dispatcher_id: str | None = None
     started_at: datetime | None = None
     finished_at: datetime | None = None
-    outcome: str | None = None  # succeeded | failed | retried | cancelled | lost
+    outcome: str | None = None  # succeeded | failed | retried | cancelled | lost | interrupted
     error: str | None = None
 
 
