@@ -38,14 +38,15 @@ from workers.corpus.content import (
     count_chars,
     examine_batch,
 )
-from workers.corpus.manifest import ManifestWriter, kept_line, skipped_line
-from workers.corpus.sources import Found, GitView, Skipped, walk
+from workers.corpus.manifest import ManifestWriter, skipped_line
+from workers.corpus.sources import GitView, walk
 from workers.progress import Reporter
 from workers.storage import HashingWriter
 
 CHUNK_ENTRIES = 2048  # paths per `git check-attr` call
 BATCH_FILES = 64  # files per task sent to a worker
 BATCH_BYTES = 1024 * 1024  # ... or fewer, when they are big: results in flight stay small
+# (In-process, a batch is cut where its text reaches BATCH_BYTES, however many files that takes.)
 INLINE_FILES = 1024  # files examined in-process before a pool is worth starting
 PROGRESS_EVERY = 0.5  # seconds between progress reports
 
@@ -228,10 +229,43 @@ class _Batch:
     future: Future[BatchResult]
 
 
-def _chunks(entries: Iterable[Found | Skipped], size: int) -> Iterator[list[Found | Skipped]]:
+def _done(result: BatchResult) -> Future[BatchResult]:
+    future: Future[BatchResult] = Future()
+    future.set_result(result)
+    return future
+
+
+def _chunks(entries: Iterable[Item], size: int) -> Iterator[list[Item]]:
     it = iter(entries)
     while chunk := list(itertools.islice(it, size)):
         yield chunk
+
+
+def _annotate(git: GitView, chunk: list[Item]) -> list[Item]:
+    """`chunk` with what git says of the paths a .gitattributes or .gitignore may concern."""
+    attrs = git.attributes([item.rel for item in chunk if item.attr_scope])
+    ignored = git.ignored([item.rel for item in chunk if item.ignore_scope])
+    if not attrs and not ignored:
+        return chunk
+    return [item._replace(attrs=attrs.get(item.rel), ignored=item.rel in ignored)
+            if item.rel in attrs or item.rel in ignored else item for item in chunk]
+
+
+def _sized(chunk: list[Item], max_file_bytes: int) -> Iterator[list[Item]]:
+    """Batches for a pool: BATCH_FILES files, or fewer when their sizes (lstat) add up to
+    BATCH_BYTES."""
+    items: list[Item] = []
+    size = 0
+    for item in chunk:
+        items.append(item)
+        if item.skip:  # travels with the batch to keep walk order
+            continue
+        size += min(item.size or 0, max_file_bytes)
+        if len(items) >= BATCH_FILES or size >= BATCH_BYTES:
+            yield items
+            items, size = [], 0
+    if items:
+        yield items
 
 
 class CorpusBuilder:
@@ -272,25 +306,18 @@ class CorpusBuilder:
 
     def _batches(self, index: int, tree: SourceTree) -> Iterator[_Batch]:
         task = Task(str(tree.root), tree.label, index, Rules.of(self.config))
-        entries = walk(tree.root, self.rules, marks=tree.marks, attrs_above=tree.attrs_above)
+        pooled = self.runner.jobs > 1  # batches sized by lstat, for workers; else cut as they are read
+        entries = walk(tree.root, self.rules, marks=tree.marks, attrs_above=tree.attrs_above, sizes=pooled)
         for chunk in _chunks(entries, CHUNK_ENTRIES):
-            found = [e for e in chunk if isinstance(e, Found)]
-            attrs = tree.git.attributes([f.rel for f in found if f.attr_scope])
-            ignored = tree.git.ignored([f.rel for f in found if f.ignore_scope])
-            items: list[Item] = []
-            size = 0
-            for entry in chunk:
-                if isinstance(entry, Skipped):  # travels with the batch to keep walk order
-                    items.append(Item(entry.rel, entry.size, skip=entry.reason, detail=entry.detail))
-                    continue
-                items.append(Item(entry.rel, entry.size, attrs.get(entry.rel), entry.rel in ignored,
-                                  vendored_dir=entry.vendored_dir))
-                size += min(entry.size, self.config.max_file_bytes)
-                if len(items) >= BATCH_FILES or size >= BATCH_BYTES:
+            chunk = _annotate(tree.git, chunk)
+            if pooled:
+                for items in _sized(chunk, self.config.max_file_bytes):
                     yield _Batch(index, self.runner.submit(task, items))
-                    items, size = [], 0
-            if items:
-                yield _Batch(index, self.runner.submit(task, items))
+                continue
+            while chunk:
+                result = examine_batch(task, chunk, BATCH_BYTES)
+                yield _Batch(index, _done(result))
+                chunk = chunk[result.done:]
 
     def _consume(self, batch: _Batch) -> None:
         result = batch.future.result()
@@ -299,7 +326,7 @@ class CorpusBuilder:
         if not dups and stats.bytes + len(result.payload) <= self.config.max_total_bytes:
             # The common case: the whole batch goes in as the worker prepared it.
             self.out.write(result.payload)
-            self.manifest.add(result.kept_lines, result.skipped_lines)
+            self.manifest.add("".join(result.kept_lines), "".join(result.skipped_lines))
             stats.add_batch(batch.tree, result)
         else:
             self._consume_each(batch.tree, result, dups)
@@ -309,33 +336,42 @@ class CorpusBuilder:
         """Indexes of kept outcomes whose bytes an earlier file already brought in."""
         dups = set()
         for i, o in enumerate(result.outcomes):
-            if o.reason is None and self._seen.setdefault(o.sha256, (tree, o.rel)) != (tree, o.rel):
-                dups.add(i)
+            if o.reason is None:
+                first = (tree, o.rel)
+                if self._seen.setdefault(o.sha256, first) is not first:  # type: ignore[arg-type]
+                    dups.add(i)
         return dups
 
     def _consume_each(self, tree: int, result: BatchResult, dups: set[int]) -> None:
         """File by file: drop duplicates, stop exactly at the total cap."""
         stats, payload, offset = self.stats, memoryview(result.payload), 0
+        kept_lines, skipped_lines = iter(result.kept_lines), iter(result.skipped_lines)
+        pieces: list[memoryview] = []
+        kept: list[str] = []
+        skipped: list[str] = []
         for i, o in enumerate(result.outcomes):
             if o.reason is not None:
                 stats.skip(o, o.reason)
-                self.manifest.add("", skipped_line(tree, o))
+                skipped.append(next(skipped_lines))
                 continue
             piece = payload[offset:offset + o.length]
             offset += o.length
+            line = next(kept_lines)
             if i in dups:
-                dup = o._replace(reason=P.DUPLICATE, detail=self._same_as(self._seen[o.sha256]))
+                dup = o._replace(reason=P.DUPLICATE, detail=self._same_as(self._seen[o.sha256]))  # type: ignore[index]
                 stats.skip(o, P.DUPLICATE)
-                self.manifest.add("", skipped_line(tree, dup))
+                skipped.append(skipped_line(tree, dup))
                 ascii_counts, other = count_chars(piece)  # the batch's counts included it
                 stats.ascii -= ascii_counts
                 stats.other.subtract(other)
                 continue
             if stats.bytes + len(piece) > self.config.max_total_bytes:
                 raise CorpusError(cap_message(self.config.max_total_bytes, stats))
-            self.out.write(piece)
-            self.manifest.add(kept_line(tree, o), "")
+            pieces.append(piece)
+            kept.append(line)
             stats.keep(tree, o, len(piece))
+        self.out.write(b"".join(pieces))
+        self.manifest.add("".join(kept), "".join(skipped))
         stats.ascii += result.ascii_counts
         stats.other.update(result.other_counts)
 

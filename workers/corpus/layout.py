@@ -11,6 +11,7 @@ is broken (`--\\>`, `*\\/`). The manifest keeps the exact name.
 from __future__ import annotations
 
 import re
+from functools import cache
 
 # Line-comment markers for the per-file header, by identify tag; "#" for everything else.
 _SLASHES = frozenset({
@@ -31,6 +32,7 @@ _UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]
 _NAMED = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
 
 
+@cache  # a few hundred languages at most
 def comment_marks(language: str | None) -> tuple[str, str]:
     if language in _BLOCK:
         return _BLOCK[language]

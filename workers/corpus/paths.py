@@ -10,9 +10,9 @@ import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
-from identify import identify
+from identify import extensions, identify
 
 if TYPE_CHECKING:  # workers pass a plain `content.Rules` with the same fields
     from schemas.corpus import CorpusConfig
@@ -59,14 +59,49 @@ _GENERIC_TAGS = frozenset({
 })
 
 
-@lru_cache(maxsize=65536)
+class NameInfo(NamedTuple):
+    """What identify says about a file name."""
+
+    tags: frozenset[str]
+    language: str | None  # the most specific tag (language_of)
+    text: bool  # identify knows the name as a text format: read the file whole, no probe first
+
+
+@lru_cache(maxsize=4096)
+def _info_from_identify(name: str) -> NameInfo:
+    tags = frozenset(identify.tags_from_filename(name))
+    return NameInfo(tags, language_of(tags), "text" in tags)
+
+
+_NAME_PARTS = frozenset(extensions.NAMES)
+_BY_EXTENSION: dict[str | None, NameInfo] = {}
+
+
+def name_info(name: str) -> NameInfo:
+    """identify's verdict on a file name, as `identify.tags_from_filename` gives it.
+
+    Asked once per extension, not once per name: a build meets tens of thousands of distinct
+    names but a few hundred extensions. identify reads a name as a whole (`Makefile`,
+    `Dockerfile.dev`: any dot-separated part in its NAMES table) and otherwise by its extension
+    alone, as `os.path.splitext` splits it (leading dots are not one: `.bashrc` has none); only
+    names of the first kind are looked up by name.
+    """
+    parts = name.split(".")
+    if name in _NAME_PARTS or not _NAME_PARTS.isdisjoint(parts):
+        return _info_from_identify(name)
+    ext = parts[-1] if len(parts) > 1 and (parts[0] or any(parts[1:-1])) else None
+    info = _BY_EXTENSION.get(ext)
+    if info is None:  # the first name with this extension: its tags are the extension's
+        info = _BY_EXTENSION[ext] = _info_from_identify(name)
+    return info
+
+
 def filename_tags(name: str) -> frozenset[str]:
-    return frozenset(identify.tags_from_filename(name))
+    return name_info(name).tags
 
 
-@lru_cache(maxsize=65536)
 def language_of_name(name: str) -> str | None:
-    return language_of(filename_tags(name))
+    return name_info(name).language
 
 
 def language_of(tags: frozenset[str]) -> str | None:
@@ -156,9 +191,12 @@ class PathRules:
         return None
 
     def classify(
-        self, rel: str, size: int, attrs: Attributes | None, ignored: bool, vendored_dir: bool = False
+        self, rel: str, size: int | None, attrs: Attributes | None, ignored: bool, vendored_dir: bool = False
     ) -> tuple[str | None, str | None]:
         """(reason, detail) to skip `rel`, or (None, None) to read it.
+
+        `size`: as lstat saw it, or None when the walk did not stat the file (the reader
+        applies the size rules to what `fstat` says once it is open, in the same order).
 
         `vendored_dir`: `rel` is below a vendored directory (`vendor/`, ...) that the walk
         entered because a .gitattributes may un-vendor some of it: only an explicit
@@ -171,7 +209,7 @@ class PathRules:
             return EXCLUDED, "not matched by --include"
         if ignored:
             return GITIGNORED, None
-        name = rel.rsplit("/", 1)[-1]
+        name = rel[rel.rfind("/") + 1:]
         if self.config.skip_vendored:
             if vendored_dir and (attrs is None or attrs.vendored is not False):
                 return VENDORED, "vendored directory"
@@ -182,6 +220,8 @@ class PathRules:
             tags = filename_tags(name)
             if language_of(tags) is not None and not tags & self.langs:
                 return LANGUAGE, None
+        if size is None:
+            return None, None
         if size > self.config.max_file_bytes:
             return TOO_LARGE, None
         if size == 0:

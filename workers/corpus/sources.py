@@ -18,28 +18,10 @@ from pathlib import Path
 
 from schemas.errors import CorpusError
 from workers.corpus import paths as P
+from workers.corpus.content import Item
 from workers.fetch import run_git_process
 
 GIT_TIMEOUT = 300.0  # seconds per local git call (2048 paths at most)
-
-
-@dataclass(slots=True)
-class Found:
-    """A regular file the walk found (lstat: not a link, not a device)."""
-
-    rel: str
-    size: int
-    attr_scope: bool  # a .gitattributes above it may say something
-    ignore_scope: bool  # a .gitignore above it may say something (plain folders)
-    vendored_dir: bool = False  # below a vendored directory the walk entered (see _Scope)
-
-
-@dataclass(slots=True)
-class Skipped:
-    rel: str  # directories end with "/"
-    reason: str
-    size: int = 0
-    detail: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -178,43 +160,48 @@ def _scope_of(path: str, names: set[str], scope: _Scope, rules: P.PathRules) -> 
 
 
 def _entries(
-    path: str, rel: str, scope: _Scope, rules: P.PathRules, marks: Mapping[str, str]
-) -> Iterator[Found | Skipped | _Descend]:
+    path: str, rel: str, scope: _Scope, rules: P.PathRules, marks: Mapping[str, str], sizes: bool
+) -> Iterator[Item | _Descend]:
     try:
         with os.scandir(path) as it:
             entries = list(it)
     except OSError as exc:
-        yield Skipped(rel or "./", P.UNREADABLE, detail=exc.strerror)
+        yield _skipped(rel or "./", P.UNREADABLE, exc.strerror)
         return
     scope = _scope_of(path, {e.name for e in entries}, scope, rules)
-    keyed = [(e.name + "/" if e.is_dir(follow_symlinks=False) else e.name, e) for e in entries]
-    keyed.sort(key=lambda pair: pair[0])
-    for key, entry in keyed:
-        child = rel + key
+    # Sorted as full paths sort: a directory as "name/". DirEntry answers from the directory
+    # listing's file type (lstat where the file system gives none): no stat call per entry.
+    keyed = {e.name + "/" if e.is_dir(follow_symlinks=False) else e.name: e for e in entries}
+    for key in sorted(keyed):
+        entry, child = keyed[key], rel + key
         if not key.isascii():  # names are str with surrogates where bytes were not UTF-8
             try:
                 child.encode("utf-8")
             except UnicodeEncodeError:
-                yield Skipped(_printable(child), P.BAD_NAME)
+                yield _skipped(_printable(child), P.BAD_NAME)
                 continue
-        if key.endswith("/"):
-            reason = rules.prune_dir(entry.name) or marks.get(child)
+        if key[-1] == "/":
+            reason = rules.prune_dir(entry.name) or (marks.get(child) if marks else None)
             if reason == P.VENDORED and scope.unvendor:
                 yield _Descend(entry.path, child, replace(scope, vendored=True))
             else:
-                yield Skipped(child, reason) if reason else _Descend(entry.path, child, scope)
+                yield _skipped(child, reason) if reason else _Descend(entry.path, child, scope)
         elif entry.is_symlink():
-            yield Skipped(child, P.SYMLINK, detail=_readlink(entry.path))
+            yield _skipped(child, P.SYMLINK, _readlink(entry.path))
         elif entry.is_file(follow_symlinks=False):
-            if marks.get(child) == P.OUTPUT:
-                continue  # our own corpus/manifest being written: not part of the source
-            if child in marks:
-                yield Skipped(child, marks[child])
-            else:
-                size = entry.stat(follow_symlinks=False).st_size
-                yield Found(child, size, scope.attr, scope.ignore, scope.vendored)
+            if marks and child in marks:
+                if marks[child] != P.OUTPUT:  # our own corpus/manifest being written: left out
+                    yield _skipped(child, marks[child])
+                continue
+            # A pool sizes its batches by the files' sizes; in-process, fstat gives them later.
+            size = entry.stat(follow_symlinks=False).st_size if sizes else None
+            yield Item(child, size, None, False, None, None, scope.vendored, scope.attr, scope.ignore)
         else:
-            yield Skipped(child, P.SPECIAL)
+            yield _skipped(child, P.SPECIAL)
+
+
+def _skipped(rel: str, reason: str, detail: str | None = None) -> Item:
+    return Item(rel, 0, skip=reason, detail=detail)
 
 
 def _readlink(path: str) -> str | None:
@@ -230,18 +217,21 @@ def walk(
     *,
     marks: Mapping[str, str] | None = None,
     attrs_above: bool = False,
-) -> Iterator[Found | Skipped]:
-    """Every entry under `root` in sorted full-path order; links and special files as `Skipped`.
+    sizes: bool = True,
+) -> Iterator[Item]:
+    """Every entry under `root` in sorted full-path order: regular files to read, and links,
+    special files and skipped directories with their `skip` reason.
 
+    `sizes`: lstat each regular file for its size (else `Item.size` is None).
     An explicit stack instead of recursion: a hostile tree may nest deeper than Python's limit.
     """
     marks = marks or {}
-    stack = [_entries(str(root), "", _Scope(attr=attrs_above), rules, marks)]
+    stack = [_entries(str(root), "", _Scope(attr=attrs_above), rules, marks, sizes)]
     while stack:
         item = next(stack[-1], None)
         if item is None:
             stack.pop()
-        elif isinstance(item, _Descend):
-            stack.append(_entries(item.path, item.rel, item.scope, rules, marks))
+        elif type(item) is _Descend:
+            stack.append(_entries(item.path, item.rel, item.scope, rules, marks, sizes))
         else:
             yield item
