@@ -12,7 +12,8 @@ out), concatenated in path order; the last 5% is the held-out tail.
 (c) validation loss after `--budget` seconds of training: the project's default settings
     (`--preset`, default: the default preset, plus `--set` overrides) against the reference
     trained for the same wall time; both measured on the held-out tail the way `charforge jobs
-    eval` measures it (`workers.evaluate`, read once, state carried, fp32).
+    eval` measures it (`workers.evaluate` with `EVAL_STREAMS`: one stream read once, in order,
+    state carried through all of it, fp32).
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ from schemas.run import build_run_spec
 from schemas.training import DEFAULT_PRESET, ModelConfig, TrainConfig
 from workers import keys
 from workers.data import prepare_corpus, split
-from workers.evaluate import evaluate_ids, evaluate_text
+from workers.evaluate import EVAL_STREAMS, MAX_STREAMS, evaluate_ids, evaluate_text
 from workers.progress import ListReporter
 from workers.storage import LocalStorage, Storage
 from workers.train import default_threads, run_train_stage
@@ -162,10 +163,16 @@ def part_c(storage: Storage, corpus: CorpusResult, text: str, budget: float,
     tail = text[len(text) - max(2, int(len(text) * spec.train.val_frac)):]
     reporter = ListReporter("bench")
     result = run_train_stage(storage, "c0ffee", corpus, spec.model, spec.train, reporter)
+    began = time.perf_counter()
     ours = evaluate_text(storage, result.checkpoint_key, [tail])
+    took = time.perf_counter() - began
     print(f"    project: {result.final_step} steps in {budget:.0f}s "
           f"({result.chars_per_sec or 0:,.0f} chars/s) -> {ours.nats_per_char:.4f} nats/char "
-          f"({ours.bits_per_char:.3f} bits/char) on {ours.chars:,} held-out chars")
+          f"({ours.bits_per_char:.3f} bits/char) on {ours.chars:,} held-out chars "
+          f"(eval {took:.1f} s, {ours.chars / took:,.0f} chars/s)")
+    fast = evaluate_text(storage, result.checkpoint_key, [tail], streams=MAX_STREAMS)
+    print(f"    (training's validation reading, {MAX_STREAMS} streams side by side from zero states: "
+          f"{fast.nats_per_char:.4f} nats/char)")
 
     data = prepare_corpus(storage, corpus, spec.train)
     with storage.local_path(data.key) as path:
@@ -175,9 +182,13 @@ def part_c(storage: Storage, corpus: CorpusResult, text: str, budget: float,
         began = time.monotonic()
         while time.monotonic() - began < budget:
             ref.step()
-        theirs = evaluate_ids(ref.model, val_ids, device=torch.device("cpu"))
+        # The reference is no checkpoint, so evaluate_text cannot load it: the same reading.
+        began = time.perf_counter()
+        theirs = evaluate_ids(ref.model, val_ids, device=torch.device("cpu"), max_streams=EVAL_STREAMS)
+        took = time.perf_counter() - began
     print(f"    reference: {ref.steps} steps in {budget:.0f}s -> {theirs.nats_per_char:.4f} nats/char "
-          f"({theirs.bits_per_char:.3f} bits/char) on {theirs.chars:,} held-out chars")
+          f"({theirs.bits_per_char:.3f} bits/char) on {theirs.chars:,} held-out chars "
+          f"(eval {took:.1f} s, {theirs.chars / took:,.0f} chars/s)")
     gap = theirs.nats_per_char - ours.nats_per_char
     print(f"    project is {gap:.4f} nats/char below the reference (goal >= 0.10)")
 

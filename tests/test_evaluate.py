@@ -51,6 +51,31 @@ def test_matches_one_pass_over_the_whole_text(setup) -> None:  # type: ignore[no
     assert result.bits_per_char == pytest.approx(result.nats_per_char / math.log(2))
 
 
+def test_eval_reads_a_long_text_as_one_stream_with_the_state_carried(setup, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """`jobs eval`'s reading: one pass in order, even where side-by-side streams would be cut."""
+    storage, key, model, vocab = setup
+    calls: list[tuple[int, bool]] = []  # (streams in the window, started from a zero state)
+    window = evaluate._window
+
+    def recorded(model, ids, starts, n, state, device, dtype):  # type: ignore[no-untyped-def]
+        calls.append((len(starts), state is None))
+        return window(model, ids, starts, n, state, device, dtype)
+
+    monkeypatch.setattr(evaluate, "_window", recorded)
+    text = TEXT * 5
+    assert len(text) > 2 * evaluate.MIN_STREAM  # long enough for two streams side by side
+    ids = torch.from_numpy(vocab.encode(text).astype("int64"))
+    result = evaluate_text(storage, key, [text])
+    assert result.nats_per_char == pytest.approx(_nats(model, ids) / (len(text) - 1), rel=1e-5)
+    windows = -(-(len(text) - 1) // evaluate.WINDOW)
+    assert calls == [(1, True)] + [(1, False)] * (windows - 1)  # zero state once, then carried
+    calls.clear()
+    # Training's validation reading: two streams side by side, each from a zero state.
+    side_by_side = evaluate_ids(model, vocab.encode(text), device=torch.device("cpu"))
+    assert side_by_side.chars == len(text) - 1 and calls[0] == (2, True)
+    assert evaluate_text(storage, key, [text], streams=evaluate.MAX_STREAMS) == side_by_side
+
+
 def test_streams_cover_every_character_once(setup, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     _storage, _key, model, vocab = setup
     monkeypatch.setattr(evaluate, "MIN_STREAM", 50)

@@ -17,10 +17,10 @@ from schemas.results import CorpusResult
 from schemas.sampling import SampleConfig
 from schemas.training import ModelConfig, TrainConfig
 from workers import keys
+from workers import sample as sample_module
 from workers.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from workers.model import CharRNN
 from workers.progress import ListReporter
-from workers import sample as sample_module
 from workers.sample import (
     Uniforms,
     corpus_metrics_key,

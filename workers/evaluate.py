@@ -1,11 +1,18 @@
 """How well a model predicts a text: mean cross-entropy per character, in nats and bits.
 
-The text is read once, in order, with the hidden state carried from window to window. To use a
-whole batch's worth of compute, it is cut into up to `MAX_STREAMS` contiguous streams of at least
-`MIN_STREAM` characters that run side by side; each starts from a zero state (a few dozen
-characters of warm-up out of thousands), and the leftover characters continue the last stream.
-Every character after the first is predicted exactly once. Training's validation loss and
-`charforge jobs eval` both go through `evaluate_ids`.
+Two ways to read the text, both predicting every character after the first exactly once, with
+the hidden state carried from window to window:
+
+* **one stream** (`streams=1`, what `charforge jobs eval` uses through `evaluate_text` and
+  `evaluate_file`): the text is read once, in order, from a zero state at its first character,
+  with the state carried through all of it. Every character is predicted from everything
+  before it. It runs one character at a time through the network (batch 1): ~85k chars/s for
+  the default 2x128 LSTM on a 2-core CPU (~12 s per MB), 6.7k for 2x512 (docs/training.md).
+* **side by side** (`streams` > 1, training's validation with `MAX_STREAMS`): the text is cut
+  into up to that many contiguous streams of at least `MIN_STREAM` characters that run as one
+  batch; each starts from a zero state (a few dozen characters of warm-up out of thousands),
+  and the leftover characters continue the last stream. 3-4x faster; the figure is a little
+  higher (by 0.0015 nats/char in bench/train.py (c)) than one stream's.
 
 Memory stays bounded: text is encoded chunk by chunk to a temporary integer file that is
 memory-mapped, and windows are read from it one at a time.
@@ -36,7 +43,8 @@ from workers.model import (
 from workers.storage import CHUNK, Storage
 
 MIN_STREAM = 4096
-MAX_STREAMS = 64
+MAX_STREAMS = 64  # training's validation: fast, each stream from a zero state
+EVAL_STREAMS = 1  # evaluate_text / evaluate_file (`charforge jobs eval`): read once, state carried
 WINDOW = 256
 
 
@@ -55,7 +63,8 @@ def evaluate_ids(
     dtype: torch.dtype | None = None,
     max_streams: int = MAX_STREAMS,
 ) -> EvalResult:
-    """Cross-entropy of `model` on the index sequence `ids` (e.g. a memory map)."""
+    """Cross-entropy of `model` on the index sequence `ids` (e.g. a memory map), read as up to
+    `max_streams` streams side by side (1: once, in order, state carried throughout)."""
     pairs = len(ids) - 1
     if pairs < 1:
         raise InvalidSpec("nothing to evaluate: the text has fewer than 2 characters")
@@ -101,9 +110,11 @@ def evaluate_text(
     *,
     device: str | torch.device | None = None,
     precision: str = "fp32",
+    streams: int = EVAL_STREAMS,
 ) -> EvalResult:
     """Evaluate a checkpoint on text given as chunks (of any size); unknown characters count as
-    the unknown symbol, as they would in training."""
+    the unknown symbol, as they would in training. `streams=1` reads the text once with the
+    state carried through all of it; more trades that for speed (see the module's doc)."""
     dev = resolve_device(device)
     ckpt = load_checkpoint(storage, checkpoint_key, map_location=dev)
     model = ckpt.build_model(dev)
@@ -115,7 +126,8 @@ def evaluate_text(
         if size == 0:
             raise InvalidSpec("nothing to evaluate: the text is empty")
         ids = np.memmap(spool.name, dtype=ckpt.vocab.dtype, mode="r")
-        return evaluate_ids(model, ids, device=dev, dtype=resolve_precision(precision, dev))
+        return evaluate_ids(model, ids, device=dev, dtype=resolve_precision(precision, dev),
+                            max_streams=streams)
 
 
 def evaluate_file(
@@ -125,6 +137,7 @@ def evaluate_file(
     *,
     device: str | torch.device | None = None,
     precision: str = "fp32",
+    streams: int = EVAL_STREAMS,
 ) -> EvalResult:
     """`evaluate_text` on a local UTF-8 file (bad bytes read as U+FFFD, i.e. unknown)."""
     try:
@@ -133,4 +146,5 @@ def evaluate_file(
         raise NotFound(f"cannot read {path}: {err.strerror}") from None
     with fh:
         chunks = read_text_chunks(iter(lambda: fh.read(4 * CHUNK), b""))
-        return evaluate_text(storage, checkpoint_key, chunks, device=device, precision=precision)
+        return evaluate_text(storage, checkpoint_key, chunks, device=device, precision=precision,
+                             streams=streams)
