@@ -11,6 +11,7 @@ from __future__ import annotations
 import itertools
 import multiprocessing
 import os
+import queue
 import sys
 import threading
 import time
@@ -35,8 +36,9 @@ from workers.corpus.content import (
     Outcome,
     Rules,
     Task,
-    count_chars,
+    byte_counts,
     examine_batch,
+    non_ascii_counts,
 )
 from workers.corpus.manifest import ManifestWriter, skipped_line
 from workers.corpus.sources import GitView, walk
@@ -49,6 +51,7 @@ BATCH_BYTES = 1024 * 1024  # ... or fewer, when they are big: results in flight 
 # (In-process, a batch is cut where its text reaches BATCH_BYTES, however many files that takes.)
 INLINE_FILES = 1024  # files examined in-process before a pool is worth starting
 PROGRESS_EVERY = 0.5  # seconds between progress reports
+QUEUED_WRITES = 4  # batch payloads waiting for the writer thread
 
 
 def default_jobs() -> int:
@@ -118,7 +121,6 @@ class BuildStats:
         self.by_reason.update(result.by_reason)
         self.files_by_language.update(result.files_by_language)
         self.bytes_by_language.update(result.bytes_by_language)
-        self.ascii += result.ascii_counts
         self.other.update(result.other_counts)
 
     def vocab(self) -> list[tuple[str, int]]:
@@ -268,6 +270,49 @@ def _sized(chunk: list[Item], max_file_bytes: int) -> Iterator[list[Item]]:
         yield items
 
 
+class _Writer:
+    """Writes the corpus on a thread of its own, hashing it and counting its bytes on the way.
+
+    sha256, the byte histogram and the write itself run without the GIL, so on a second core
+    they overlap the reading and judging of the next files. At most QUEUED_WRITES payloads wait
+    (about 1 MiB each). An error stops the writing and is raised in the builder's thread, by the
+    next `write` or by `close`. (Measured: moving the duplicate check and the files' own sha256
+    here too was slower; their Python work then competes for the GIL.)
+    """
+
+    def __init__(self, out: IO[bytes]) -> None:
+        self._out = HashingWriter(out)
+        self.ascii = np.zeros(128, dtype=np.int64)  # counts of code points 0..127 written
+        self._queue: queue.Queue[bytes | None] = queue.Queue(QUEUED_WRITES)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="corpus-writer", daemon=True)
+        self._thread.start()
+
+    def write(self, text: bytes) -> None:
+        if self._error is not None:
+            raise self._error
+        if text:
+            self._queue.put(text)
+
+    def _run(self) -> None:
+        while (text := self._queue.get()) is not None:
+            if self._error is None:  # after an error, only drain: a waiting `write` never blocks
+                try:
+                    self._out.write(text)
+                    self.ascii += byte_counts(text)[:128]
+                except BaseException as exc:  # noqa: BLE001 - raised again in the builder's thread
+                    self._error = exc
+
+    def close(self, *, check: bool = True) -> str:
+        """Wait until everything queued is written; the sha256 of all of it. `check=False`: the
+        build failed already, and its error is the one to raise."""
+        self._queue.put(None)
+        self._thread.join()
+        if check and self._error is not None:
+            raise self._error
+        return self._out.sha256
+
+
 class CorpusBuilder:
     """Builds one corpus from one or more trees into `out`, recording every file in `manifest`."""
 
@@ -277,7 +322,7 @@ class CorpusBuilder:
     ) -> None:
         self.config = config
         self.rules = P.PathRules(config)
-        self.out = HashingWriter(out)
+        self._sink = out
         self.manifest = manifest
         self.reporter = reporter
         self.runner = _Runner(jobs or default_jobs(), INLINE_FILES if inline_files is None else inline_files)
@@ -287,22 +332,31 @@ class CorpusBuilder:
     def build(self, trees: Sequence[SourceTree]) -> BuildStats:
         self.stats = BuildStats(repos=len(trees))
         self._labels = [tree.label for tree in trees]
-        queue: deque[_Batch] = deque()
+        self.out = _Writer(self._sink)
         try:
-            for index, tree in enumerate(trees):
-                for batch in self._batches(index, tree):
-                    queue.append(batch)
-                    while len(queue) > self.runner.window:
-                        self._consume(queue.popleft())
-            while queue:
-                self._consume(queue.popleft())
-        finally:
-            self.runner.close()
-        self.stats.text_sha256 = self.out.sha256
+            self._run(trees)
+        except BaseException:
+            self.out.close(check=False)
+            raise
+        self.stats.text_sha256 = self.out.close()
+        self.stats.ascii = self.out.ascii
         self._report(force=True)
         if self.stats.files == 0:
             raise CorpusError(empty_message(self.stats))
         return self.stats
+
+    def _run(self, trees: Sequence[SourceTree]) -> None:
+        pending: deque[_Batch] = deque()
+        try:
+            for index, tree in enumerate(trees):
+                for batch in self._batches(index, tree):
+                    pending.append(batch)
+                    while len(pending) > self.runner.window:
+                        self._consume(pending.popleft())
+            while pending:
+                self._consume(pending.popleft())
+        finally:
+            self.runner.close()
 
     def _batches(self, index: int, tree: SourceTree) -> Iterator[_Batch]:
         task = Task(str(tree.root), tree.label, index, Rules.of(self.config))
@@ -361,9 +415,7 @@ class CorpusBuilder:
                 dup = o._replace(reason=P.DUPLICATE, detail=self._same_as(self._seen[o.sha256]))  # type: ignore[index]
                 stats.skip(o, P.DUPLICATE)
                 skipped.append(skipped_line(tree, dup))
-                ascii_counts, other = count_chars(piece)  # the batch's counts included it
-                stats.ascii -= ascii_counts
-                stats.other.subtract(other)
+                stats.other.subtract(non_ascii_counts(piece))  # the batch's counts included it
                 continue
             if stats.bytes + len(piece) > self.config.max_total_bytes:
                 raise CorpusError(cap_message(self.config.max_total_bytes, stats))
@@ -372,7 +424,6 @@ class CorpusBuilder:
             stats.keep(tree, o, len(piece))
         self.out.write(b"".join(pieces))
         self.manifest.add("".join(kept), "".join(skipped))
-        stats.ascii += result.ascii_counts
         stats.other.update(result.other_counts)
 
     def _same_as(self, first: tuple[int, str]) -> str:

@@ -111,8 +111,7 @@ class BatchResult:
     payload: bytes  # the kept files' payloads, concatenated in order
     kept_lines: list[str]  # their manifest records, in order
     skipped_lines: list[str]  # the manifest records of the rest, in order
-    ascii_counts: np.ndarray  # counts of code points 0..127 over `payload`
-    other_counts: dict[str, int]  # counts of the rest
+    other_counts: dict[str, int]  # counts of the characters past U+007F in `payload`
     by_reason: Counter[str]
     skipped_dirs: int  # skipped entries that are whole directories
     files_by_language: Counter[str]
@@ -142,15 +141,15 @@ class _Opener:
             self._set_dir(parent)
         return os.open(name, _FILE_FLAGS, dir_fd=self._dir_fd)
 
-    def size(self, rel: str) -> int:
-        """lstat's size of `rel` (0 if it is gone): for files skipped before they are opened."""
+    def size(self, rel: str) -> int | None:
+        """lstat's size of `rel` (None if it is gone): for files the walk did not stat."""
         parent, _, name = rel.rpartition("/")
         try:
             if parent != self._dir_rel:
                 self._set_dir(parent)
             return os.stat(name, dir_fd=self._dir_fd, follow_symlinks=False).st_size
         except OSError:
-            return 0
+            return None
 
     def _set_dir(self, parent: str) -> None:
         parts = parent.split("/") if parent else []
@@ -280,7 +279,7 @@ def _examine(opener: _Opener, item: Item, task: Task, path_rules: P.PathRules) -
     reason, detail = path_rules.classify(rel, item.size, item.attrs, item.ignored, item.vendored_dir)
     if reason:
         size = opener.size(rel) if item.size is None else item.size
-        return Outcome(rel, size, reason, detail), b"", b""
+        return Outcome(rel, size or 0, reason, detail), b"", b""
     try:
         fd = opener.open(rel)
     except OSError as exc:
@@ -307,7 +306,7 @@ def _examine(opener: _Opener, item: Item, task: Task, path_rules: P.PathRules) -
 def _unopened(opener: _Opener, item: Item, rules: Rules, exc: OSError) -> Outcome:
     """A file that cannot be opened. The size rules come first, as when the walk stat-ed it."""
     size = opener.size(item.rel) if item.size is None else item.size
-    if size > rules.max_file_bytes:
+    if size is not None and size > rules.max_file_bytes:
         return Outcome(item.rel, size, P.TOO_LARGE)
     if size == 0:
         return Outcome(item.rel, 0, P.EMPTY)
@@ -390,6 +389,6 @@ def examine_batch(task: Task, items: Sequence[Item], budget: int | None = None) 
     joined = b"".join(parts)
     other = Counter(b"".join(beyond_ascii).decode("utf-8")) if beyond_ascii else {}
     return BatchResult(
-        outcomes, joined, kept, skipped, byte_counts(joined)[:128], dict(other), by_reason,
-        skipped_dirs, files_by_language, bytes_by_language, sum(bytes_by_language.values()), len(outcomes),
+        outcomes, joined, kept, skipped, dict(other), by_reason, skipped_dirs, files_by_language,
+        bytes_by_language, sum(bytes_by_language.values()), len(outcomes),
     )
