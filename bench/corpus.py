@@ -112,7 +112,7 @@ def main() -> None:
         child(args.child[0], args.child[1], int(args.child[2]), args.keep_duplicates)
         return
 
-    from workers.corpus.builder import default_jobs
+    from workers.corpus.pool import default_jobs
 
     tree = args.tree.resolve()
     jobs = args.jobs or default_jobs()

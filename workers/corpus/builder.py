@@ -1,25 +1,21 @@
 """The corpus build: walk -> path rules -> content checks (on every core) -> one ordered stream.
 
 Memory stays flat whatever the corpus size: the walk is a generator, files travel in small
-batches, at most `2 x jobs` batches are in flight, the corpus goes straight to its file, and the
-manifest's per-file records go to disk. Order is the walk's (sorted paths), whatever order the
-workers finish in, because batches are consumed in the order they were submitted.
+batches, at most `2 x jobs` batches are in flight, the corpus goes straight to its file (through
+a writer thread that hashes and counts it on the way: `_Writer`), and the manifest's per-file
+records go to disk. Order is the walk's (sorted paths), whatever order the workers finish in,
+because batches are consumed in the order they were submitted.
 """
 
 from __future__ import annotations
 
 import itertools
-import multiprocessing
-import os
 import queue
-import sys
 import threading
 import time
-import types
 from collections import Counter, deque
 from collections.abc import Iterable, Iterator, Sequence
-from concurrent.futures import Future, ProcessPoolExecutor
-from contextlib import contextmanager
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -41,6 +37,7 @@ from workers.corpus.content import (
     non_ascii_counts,
 )
 from workers.corpus.manifest import ManifestWriter, skipped_line
+from workers.corpus.pool import INLINE_FILES, Runner, default_jobs
 from workers.corpus.sources import GitView, walk
 from workers.progress import Reporter
 from workers.storage import HashingWriter
@@ -49,17 +46,8 @@ CHUNK_ENTRIES = 2048  # paths per `git check-attr` call
 BATCH_FILES = 64  # files per task sent to a worker
 BATCH_BYTES = 1024 * 1024  # ... or fewer, when they are big: results in flight stay small
 # (In-process, a batch is cut where its text reaches BATCH_BYTES, however many files that takes.)
-INLINE_FILES = 1024  # files examined in-process before a pool is worth starting
 PROGRESS_EVERY = 0.5  # seconds between progress reports
 QUEUED_WRITES = 4  # batch payloads waiting for the writer thread
-
-
-def default_jobs() -> int:
-    """Worker processes. One core stays with the main process (walk, write, hash). On two cores
-    or fewer a pool costs more than it gives (measured: docs/corpus.md), so the build runs
-    in-process there."""
-    cpus = len(os.sched_getaffinity(0))
-    return 1 if cpus <= 2 else min(cpus - 1, 8)
 
 
 @dataclass
@@ -146,83 +134,6 @@ class BuildStats:
             "files_by_language": dict(self.files_by_language.most_common()),
             "bytes_by_language": dict(self.bytes_by_language.most_common()),
         }
-
-
-def _context() -> multiprocessing.context.BaseContext:
-    # Never fork: the builder may run inside a Ray worker full of threads. A forkserver starts
-    # workers from a clean process that has imported the content module once.
-    ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload(["workers.corpus.content"])
-    return ctx
-
-
-# Serialises every swap of sys.modules["__main__"] in this process (see _import_safe_main).
-_MAIN_LOCK = threading.Lock()
-
-
-@contextmanager
-def _import_safe_main() -> Iterator[None]:
-    """Start workers without the caller's `__main__`.
-
-    A forkserver child re-imports the parent's main script unless it is guarded by
-    `if __name__ == "__main__"`; an unguarded script calling the builder would then run again
-    in every worker. Workers need nothing from `__main__`, so none is handed to them.
-
-    The swap is process-wide, so it is kept small and safe: it happens only while a worker
-    process may be started (`_Runner.submit`), under a lock, so two builders on two threads
-    never save each other's stand-in as "the" main module. In a Ray worker `__main__` is Ray's
-    own default_worker script; nothing of Ray's looks it up by name while a submit runs
-    (cloudpickle pickles `__main__` functions by value without importing the module).
-    """
-    with _MAIN_LOCK:
-        main = sys.modules.get("__main__")
-        sys.modules["__main__"] = types.ModuleType("__main__")
-        try:
-            yield
-        finally:
-            if main is None:
-                del sys.modules["__main__"]
-            else:
-                sys.modules["__main__"] = main
-
-
-class _Runner:
-    """Runs `examine_batch` in-process for small trees, on a process pool once a tree is big."""
-
-    def __init__(self, jobs: int, inline_files: int) -> None:
-        self.jobs = jobs
-        self._inline_left = inline_files
-        self._pool: ProcessPoolExecutor | None = None
-
-    @property
-    def window(self) -> int:
-        return 2 * self.jobs if self._pool else 1
-
-    def _may_start_worker(self) -> bool:
-        """True until the pool holds all its workers. A non-fork pool starts them one per
-        `submit`, while none is idle (CPython keeps them in `_processes`)."""
-        if self._pool is None:
-            return True
-        started = getattr(self._pool, "_processes", None)
-        return started is None or len(started) < self.jobs
-
-    def submit(self, task: Task, items: list[Item]) -> Future[BatchResult]:
-        real = sum(1 for item in items if not item.skip)
-        if not real or (self._pool is None and (self.jobs <= 1 or self._inline_left > 0)):
-            self._inline_left -= real
-            future: Future[BatchResult] = Future()
-            future.set_result(examine_batch(task, items))
-            return future
-        if not self._may_start_worker():
-            return self._pool.submit(examine_batch, task, items)  # type: ignore[union-attr]
-        with _import_safe_main():
-            if self._pool is None:
-                self._pool = ProcessPoolExecutor(self.jobs, mp_context=_context())
-            return self._pool.submit(examine_batch, task, items)
-
-    def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=True, cancel_futures=True)
 
 
 @dataclass
@@ -325,7 +236,7 @@ class CorpusBuilder:
         self._sink = out
         self.manifest = manifest
         self.reporter = reporter
-        self.runner = _Runner(jobs or default_jobs(), INLINE_FILES if inline_files is None else inline_files)
+        self.runner = Runner(jobs or default_jobs(), INLINE_FILES if inline_files is None else inline_files)
         self._seen: dict[bytes, tuple[int, str]] = {}
         self._last_report = 0.0
 

@@ -75,6 +75,7 @@ def _info_from_identify(name: str) -> NameInfo:
 
 _NAME_PARTS = frozenset(extensions.NAMES)
 _BY_EXTENSION: dict[str | None, NameInfo] = {}
+_EXTENSIONS_HELD = 4096  # a tree of made-up extensions must not grow the cache without end
 
 
 def name_info(name: str) -> NameInfo:
@@ -92,6 +93,8 @@ def name_info(name: str) -> NameInfo:
     ext = parts[-1] if len(parts) > 1 and (parts[0] or any(parts[1:-1])) else None
     info = _BY_EXTENSION.get(ext)
     if info is None:  # the first name with this extension: its tags are the extension's
+        if len(_BY_EXTENSION) >= _EXTENSIONS_HELD:
+            _BY_EXTENSION.clear()
         info = _BY_EXTENSION[ext] = _info_from_identify(name)
     return info
 
