@@ -64,10 +64,11 @@ class ManifestWriter:
             out.write(f',\n "{name}": [\n'.encode())
             fh.flush()
             fh.seek(0)
-            first = True
-            for line in fh:
-                out.write((b"" if first else b",\n") + line.rstrip("\n").encode("utf-8"))
-                first = False
+            separator = b""
+            # A megabyte of records at a time; each is one line (JSON escapes every newline).
+            while lines := fh.readlines(1 << 20):
+                out.write(separator + "".join(lines)[:-1].replace("\n", ",\n").encode("utf-8"))
+                separator = b",\n"
             out.write(b"\n ]")
         out.write(b"\n}\n")
 
