@@ -67,14 +67,16 @@ def test_vendored_generated_lock_and_minified(tmp_path):
         "lib/dep.c": "int dep;\n", "api.pb.c": "int pb;\n", "main.c": "int main;\n",
         "vendor/x.c": "int v;\n", "third_party/y.c": "int y;\n", "Cargo.lock": "[[package]]\n",
         "ui.min.css": "a{}\n", "long.js": "x;" * 600 + "\n",
+        "pkg/__pycache__/m.cpython-311.pyc": b"\xa7\r\r\n\0\0\0\0", ".pytest_cache/README.md": "# cache\n",
     }
     text, skipped, _ = build(tmp_path, files)
     assert text == "# .gitattributes\n" + files[".gitattributes"] + "// main.c\nint main;\n"
     assert skipped == {"Cargo.lock": "lockfile", "api.pb.c": "generated", "lib/dep.c": "vendored",
                        "long.js": "minified", "third_party/": "vendored", "ui.min.css": "minified",
-                       "vendor/": "vendored"}
+                       "vendor/": "vendored", ".pytest_cache/": "generated", "pkg/__pycache__/": "generated"}
     text, skipped, _ = build(tmp_path / "2", files, skip_vendored=False, max_line_length=2000)
-    assert "// vendor/x.c\n" in text and "// lib/dep.c\n" in text and skipped == {}
+    assert "// vendor/x.c\n" in text and "// lib/dep.c\n" in text and "<!-- .pytest_cache/README.md -->" in text
+    assert skipped == {"pkg/__pycache__/m.cpython-311.pyc": "binary"}
 
 
 def test_gitignore_of_a_plain_folder_is_honoured(tmp_path):

@@ -17,8 +17,9 @@ from schemas.units import human_size
 
 # Part of every corpus key: bumped whenever the builder's output for the same commits and config
 # changes, so no stored corpus built the old way is reused. 2: header names escaped, and
-# linguist-vendored=false honoured inside vendored directories.
-FORMAT_VERSION = 2
+# linguist-vendored=false honoured inside vendored directories. 3: tool cache directories
+# (__pycache__/, ...) skipped whole as generated.
+FORMAT_VERSION = 3
 
 
 def kept_line(repo: int, outcome: Any) -> str:

@@ -29,7 +29,7 @@ GITIGNORED = "gitignored"  # plain folders: matched by a .gitignore
 EXCLUDED = "excluded"  # --exclude matched, or --include did not
 LANGUAGE = "language"  # not one of --lang
 VENDORED = "vendored"  # node_modules/, vendor/, ..., or linguist-vendored
-GENERATED = "generated"  # linguist-generated
+GENERATED = "generated"  # linguist-generated, or a tool's cache directory (__pycache__/, ...)
 LOCKFILE = "lockfile"  # package-lock.json, Cargo.lock, ...
 MINIFIED = "minified"  # *.min.js, or a line longer than max_line_length
 TOO_LARGE = "too-large"  # over max_file_bytes
@@ -44,6 +44,8 @@ VENDORED_DIRS = frozenset({
     "node_modules", "bower_components", "jspm_packages", "vendor", "third_party", "third-party",
     "thirdparty", "3rdparty",
 })
+# Caches tools write beside the sources: never code anyone wrote (__pycache__ holds .pyc bytecode).
+GENERATED_DIRS = frozenset({"__pycache__", ".mypy_cache", ".pytest_cache", ".ruff_cache"})
 LOCK_FILES = frozenset({
     "package-lock.json", "npm-shrinkwrap.json", "yarn.lock", "pnpm-lock.yaml", "bun.lockb",
     "Cargo.lock", "Gemfile.lock", "composer.lock", "poetry.lock", "Pipfile.lock", "pdm.lock",
@@ -191,6 +193,8 @@ class PathRules:
             return VCS
         if self.config.skip_vendored and name in VENDORED_DIRS:
             return VENDORED
+        if self.config.skip_vendored and name in GENERATED_DIRS:
+            return GENERATED
         return None
 
     def classify(
