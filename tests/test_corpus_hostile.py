@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import socket
 import stat
 
@@ -136,15 +137,28 @@ def test_plain_folder_with_fifo_device_socket_and_links(tmp_path):
 
 
 @pytest.mark.timeout(60)
-def test_git_blocked_by_a_fifo_gitattributes_fails_with_one_line(tmp_path, monkeypatch):
-    """git blocks opening a FIFO named .gitattributes; the timeout becomes a CorpusError."""
-    monkeypatch.setattr(sources, "GIT_TIMEOUT", 1.0)
+@pytest.mark.parametrize("name", [".gitattributes", "sub/.gitignore"])
+def test_a_fifo_git_would_read_is_refused_before_git_runs(tmp_path, name):
+    """git opens .gitattributes/.gitignore itself and would block on a FIFO: refused by the walk
+    at once (not after GIT_TIMEOUT), nothing written."""
     folder = tmp_path / "plain"
-    write_files(folder, source_files())
-    os.mkfifo(folder / ".gitattributes")
+    write_files(folder, {**source_files(), "sub/x.c": b"int x;\n"})
+    os.mkfifo(folder / name)
     with pytest.raises(CorpusError) as err:
         build_corpus_file([str(folder)], CorpusConfig(), tmp_path / "c.txt", git_base_url="git://unused/")
-    assert str(err.value) == f"git check-attr timed out after 1s in {folder}"
+    assert str(err.value) == (f"{name} is a FIFO, not a regular file: git would block reading it; "
+                              "remove it from the folder (or build from a git clone)")
+    assert not (tmp_path / "c.txt").exists()
+
+
+def test_a_git_call_that_times_out_fails_with_one_line(tmp_path, monkeypatch):
+    """Slow storage cannot be caused here: a timeout shorter than any git start stands in."""
+    monkeypatch.setattr(sources, "GIT_TIMEOUT", 0.001)
+    folder = tmp_path / "plain"
+    write_files(folder, {**source_files(), ".gitattributes": b"*.c text\n"})
+    with pytest.raises(CorpusError) as err:
+        build_corpus_file([str(folder)], CorpusConfig(), tmp_path / "c.txt", git_base_url="git://unused/")
+    assert re.fullmatch(rf"git (init|check-attr) timed out after 0s in {re.escape(str(folder))}", str(err.value))
     assert not (tmp_path / "c.txt").exists()
 
 

@@ -70,8 +70,9 @@ class GitView:
         try:
             proc = run_git_process(argv, timeout=GIT_TIMEOUT, cwd=self.root, data=data)
         except subprocess.TimeoutExpired:
-            # Local git on a tree of ours: slow storage, or a FIFO named .gitattributes/.gitignore
-            # in a plain folder (git blocks reading it). Retrying the same tree cannot help.
+            # Local git on a tree of ours: slow storage, say (a FIFO named .gitattributes or
+            # .gitignore, which git would block on, is refused by the walk before git runs).
+            # Retrying the same tree cannot help.
             raise CorpusError(f"git {what} timed out after {GIT_TIMEOUT:.0f}s in {self.root}") from None
         if proc.returncode not in (0, 1):  # check-ignore exits 1 when nothing is ignored
             msg = proc.stderr.decode("utf-8", "replace").strip().splitlines()
@@ -168,6 +169,9 @@ def _entries(
     except OSError as exc:
         yield _skipped(rel or "./", P.UNREADABLE, exc.strerror)
         return
+    for entry in entries:
+        if entry.name in _GIT_READS:
+            _refuse_special(entry, rel)
     scope = _scope_of(path, {e.name for e in entries}, scope, rules)
     # Sorted as full paths sort: a directory as "name/". DirEntry answers from the directory
     # listing's file type (lstat where the file system gives none): no stat call per entry.
@@ -198,6 +202,27 @@ def _entries(
             yield Item(child, size, None, False, None, None, scope.vendored, scope.attr, scope.ignore)
         else:
             yield _skipped(child, P.SPECIAL)
+
+
+_GIT_READS = frozenset({".gitattributes", ".gitignore"})  # files git itself opens in the tree
+_SPECIAL_KINDS = ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a device"),
+                  (stat.S_ISBLK, "a device"))
+
+
+def _refuse_special(entry: os.DirEntry[str], rel: str) -> None:
+    """A .gitattributes/.gitignore that is a FIFO, socket or device: git opens these files itself
+    (without O_NONBLOCK), so asking it about any path below would block on a FIFO. Refused at
+    once rather than after GIT_TIMEOUT. (A link is fine: git will not follow it.)"""
+    try:
+        mode = entry.stat(follow_symlinks=False).st_mode
+    except OSError:
+        return
+    for test, kind in _SPECIAL_KINDS:
+        if test(mode):
+            raise CorpusError(
+                f"{_printable(rel + entry.name)} is {kind}, not a regular file: git would block reading "
+                "it; remove it from the folder (or build from a git clone)"
+            )
 
 
 def _skipped(rel: str, reason: str, detail: str | None = None) -> Item:
