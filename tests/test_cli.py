@@ -78,6 +78,20 @@ def test_eval_on_a_file_and_on_a_repo(trained, tmp_path, git_server):
     assert neither.exit_code == 1 and "exactly one of --file" in neither.stderr
 
 
+def test_eval_streams_side_by_side(trained, tmp_path):
+    """--streams N reads the text as N streams (each from a zero state): the same characters
+    scored, a slightly different figure; 1 (the default) is the one-stream reading."""
+    path = tmp_path / "long.py"
+    path.write_text("".join(f"def f{i}(x):\n    return (x + {i}) * [x]\n" for i in range(800)))
+    one = json.loads(invoke("jobs", "eval", trained["id"], "--file", str(path), "--json").stdout)
+    four = json.loads(invoke("jobs", "eval", trained["id"], "--file", str(path), "--streams", "4", "--json").stdout)
+    assert (one["streams"], four["streams"], four["chars"]) == (1, 4, one["chars"])
+    assert four["nats_per_char"] != one["nats_per_char"]
+    assert four["nats_per_char"] == pytest.approx(one["nats_per_char"], rel=0.05)
+    refused = invoke("jobs", "eval", trained["id"], "--file", str(path), "--streams", "0")
+    assert refused.exit_code == 2 and "--streams" in refused.stderr
+
+
 def test_report_and_compare(trained, tmp_path):
     result = invoke("jobs", "report", trained["id"], "--out", str(tmp_path / "report"))
     assert result.exit_code == 0, result.output

@@ -176,6 +176,12 @@ def eval_(
     file: Annotated[Path | None, typer.Option(help="A text file to score.")] = None,
     repo: Annotated[list[str] | None, typer.Option(help="Build a corpus from this repo and score it.")] = None,
     checkpoint: Annotated[str, typer.Option(help="best, latest, or a step number.")] = "best",
+    streams: Annotated[int, typer.Option(
+        min=1, max=1024,
+        help="Read the text as up to N contiguous streams side by side, each from a zero state: "
+             "several times faster for big networks on a CPU, a little higher than the default "
+             "one-stream reading (the text once, in order, state carried throughout).",
+    )] = 1,
     json_: JsonFlag = False,
 ) -> None:
     """How well a run's model predicts other text: cross-entropy in nats/char and bits/char."""
@@ -197,9 +203,9 @@ def eval_(
 
             file = Path(tmp) / "corpus.txt"
             build_corpus_file(repo, CorpusConfig(), file, git_base_url=cfg.git_base_url)
-        result = evaluate_file(storage, key, file)
+        result = evaluate_file(storage, key, file, streams=streams)
     payload = {"run": view.id, "chars": result.chars, "nats_per_char": result.nats_per_char,
-               "bits_per_char": result.bits_per_char}
+               "bits_per_char": result.bits_per_char, "streams": streams}
     if json_:
         render.print_json(payload)
     else:
