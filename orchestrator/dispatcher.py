@@ -2,14 +2,15 @@
 
 One loop, one thread. Each `tick()`:
  1. stamps the heartbeats of the runs it drives (first, so a dispatcher coming back from a
-    database outage says it is alive before anyone judges it);
+    database outage says it is alive before anyone judges it; orchestrator/ownership.py);
  2. drains the progress relay and writes the events to the store (kept and retried if the
-    database is briefly away, so nothing a worker reported is lost);
+    database is briefly away, so nothing a worker reported is lost; orchestrator/relay.py);
  3. collects finished stages (`ray.wait`, no `ray.get` in a loop over pending work): a result
     starts the next stage, an infrastructure failure is retried with backoff, a user error fails
     the run with its message;
  4. kills the Ray task of any run that was cancelled, or that another dispatcher took over (and
-    later reads what the killed task returned, so Ray does not print it as an unhandled error);
+    later reads what the killed task returned, so Ray does not print it as an unhandled error;
+    orchestrator/ownership.py);
  5. claims queued runs while below `max_concurrent`, and launches the stages that are due;
  6. reconciles with Ray and the clock (orchestrator/liveness.py): a running run whose dispatcher
     is gone from this Ray cluster, or whose heartbeat is older than the timeout, is recovered:
@@ -30,11 +31,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from orchestrator import pipeline, ray_runtime
-from orchestrator.liveness import Reconciler, heartbeat_interval
+from orchestrator.liveness import Reconciler
+from orchestrator.ownership import Ownership
+from orchestrator.relay import EventRelay
 from orchestrator.settings import Settings
 from orchestrator.store import RunStore
 from schemas.errors import DatabaseUnavailable, IllegalTransition, StorageError, UserError
-from schemas.events import Event, EventKind
 from schemas.run import RunSpec
 from schemas.status import RunStatus, Stage
 from workers import keys
@@ -45,7 +47,6 @@ log = logging.getLogger("charforge.dispatcher")
 CORPUS_WAIT_S = 1.0
 # How long a task may wait for Ray to place it before the run's log says so.
 WAITING_NOTE_S = 120.0
-_FENCED_KINDS = frozenset({EventKind.PROGRESS, EventKind.METRIC, EventKind.NODE})
 
 
 def new_dispatcher_id() -> str:
@@ -81,12 +82,9 @@ class Dispatcher:
     flights: dict[str, Flight] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        self._pending_events: dict[str, list[Event]] = {}
-        self._last_heartbeat = 0.0
+        self._events = EventRelay(self.store)  # the progress relay; outlives a relay actor that dies
+        self._ownership: Ownership | None = None  # made by start(), once the id is final
         self._next_reconcile = 0.0
-        self._fenced: set[str] = set()  # runs whose tasks this dispatcher killed (see _noted)
-        self._killed: list[Any] = []  # refs of killed tasks, read once they end (see _reap)
-        self._relay: Any = None
         self._accelerator: str | None = None
         self._cpu_nodes = ray_runtime.NodePicker()
         self._reconciler: Reconciler | None = None
@@ -100,6 +98,7 @@ class Dispatcher:
         tag = f"-r{ray_runtime.cluster_tag()}"
         if not self.dispatcher_id.endswith(tag):
             self.dispatcher_id += tag
+        self._ownership = Ownership(self.store, self.settings, self.dispatcher_id)
         self._reconciler = Reconciler(self.store, self.settings, self.dispatcher_id, tag)
         self._accelerator = ray_runtime.accelerator_resource(self.settings.accelerator)
         if self.settings.train_cpus > 0:
@@ -110,23 +109,8 @@ class Dispatcher:
                                 f"{biggest} CPUs: training could never be placed")
         else:
             self._num_cpus = ray_runtime.cluster_cpus() if self.settings.embedded else 1
-        self._relay = self._new_relay()
+        self._events.open(self.dispatcher_id)
         log.info("dispatcher %s started (accelerator: %s)", self.dispatcher_id, self._accelerator)
-
-    def _new_relay(self) -> Any:
-        import ray
-        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-        from workers.remote import ProgressRelay, relay_name
-
-        # On this node: it must not die with some other node. Named: its existence is how other
-        # dispatchers on the cluster know this one is alive.
-        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-        relay = ProgressRelay.options(
-            name=relay_name(self.dispatcher_id), namespace=ray_runtime.NAMESPACE, scheduling_strategy=here
-        ).remote()
-        ray.get(relay.drain.remote())  # it exists before this dispatcher claims anything
-        return relay
 
     def stop(self, *, requeue: bool = True) -> None:
         """Stop driving runs: kill their tasks and queue them again for another dispatcher.
@@ -134,84 +118,46 @@ class Dispatcher:
         The relay goes too: from then on other dispatchers see this one as gone, so a run that
         could not be queued again here (the database was away) is recovered by them.
         """
-        if self._relay is not None:
+        if self._events.actor is not None:
             try:  # what the stages already said belongs in the store before they go
                 self._relay_events()
             except Exception as exc:  # noqa: BLE001 - stopping goes on regardless
                 log.warning("could not write the last progress events: %s", exc)
         for flight in list(self.flights.values()):
-            self._kill(flight)
+            self._ownership.kill(flight)
             if requeue:
-                try:
-                    self.store.close_open_attempts(flight.run_id, "interrupted", "dispatcher stopped",
-                                                   dispatcher_id=self.dispatcher_id)
-                    self.store.transition(flight.run_id, RunStatus.QUEUED, expected=RunStatus.RUNNING,
-                                          owner=self.dispatcher_id)
-                    self.store.append_log(flight.run_id, f"dispatcher {self.dispatcher_id} stopped: queued again")
-                except (IllegalTransition, DatabaseUnavailable):
-                    pass  # cancelled meanwhile, or recovered later as lost
+                self._ownership.hand_back(flight)
         self.flights.clear()
-        if self._relay is not None:
-            import ray
-
-            ray.kill(self._relay)
-            self._relay = None
+        self._events.close()
 
     @property
     def idle(self) -> bool:
         return not self.flights
 
+    @property
+    def _relay(self) -> Any:
+        """The progress relay actor that stage tasks report to (tests kill it)."""
+        return self._events.actor
+
     # ---- the loop ---------------------------------------------------------------------------
 
     def tick(self) -> None:
-        self._heartbeat()
+        self._ownership.heartbeat(list(self.flights))
         self._relay_events()
         self._collect()
-        self._enforce_ownership()
+        self._ownership.enforce(self.flights, self._events)
         self._claim()
         self._launch_due()
         self._note_waiting()
         self._reconcile()
-        self._reap()
+        self._ownership.reap()
 
     def _relay_events(self) -> None:
-        import ray
-
-        try:
-            drained = ray.get(self._relay.drain.remote())
-        except ray.exceptions.RayActorError:
+        if not self._events.drain(self.flights):
             # Without its relay this dispatcher looks dead to the others: give its runs back.
             log.error("the progress relay died: re-queueing this dispatcher's runs")
-            self._relay = None  # gone: stop() must neither drain nor kill it
             self.stop(requeue=True)
-            self._relay = self._new_relay()
-            return
-        for run_id, events in drained.items():
-            self._pending_events.setdefault(run_id, []).extend(self._noted(run_id, events))
-        for run_id in list(self._pending_events):
-            self.store.apply_events(run_id, self._pending_events[run_id])
-            del self._pending_events[run_id]
-
-    def _noted(self, run_id: str, events: list[Event]) -> list[Event]:
-        """Remember which worker runs each attempt, and say so in the run's log.
-
-        A killed task's last batches can reach the relay after the kill. For a run this
-        dispatcher stopped driving (cancelled, or taken over by another dispatcher) only logs and
-        artifacts (objects really written) are kept: late progress, metrics or node reports would
-        move a cancelled run's step on, or rewrite the history of the new owner's attempt.
-        """
-        flight = self.flights.get(run_id)
-        out: list[Event] = []
-        for event in events:
-            if run_id in self._fenced and event.kind in _FENCED_KINDS:
-                continue
-            out.append(event)
-            if event.kind is EventKind.NODE and flight is not None:
-                node, pid = str(event.data.get("node_id")), int(event.data.get("pid") or 0)
-                flight.worker = (node, pid)
-                message = f"{event.stage} attempt {flight.attempt} running on node {node[:12]} (pid {pid})"
-                out.append(Event(kind=EventKind.LOG, stage=event.stage, data={"message": message}, ts=event.ts))
-        return out
+            self._events.open(self.dispatcher_id)
 
     def _collect(self) -> None:
         """Note each finished stage's outcome; the handlers below write it down (again next tick
@@ -332,7 +278,7 @@ class Dispatcher:
                                 run_id=flight.run_id, prefer_node=None if heavy or not self._accelerator
                                 else self._cpu_nodes.pick(without=self._accelerator))
         inputs = pipeline.stage_inputs(stage, flight.run_id, flight.spec, flight.results)
-        flight.ref = run_stage.options(**options).remote(stage, ctx, inputs, self._relay)
+        flight.ref = run_stage.options(**options).remote(stage, ctx, inputs, self._events.actor)
         flight.retry_at, flight.launched_at = None, time.monotonic()
         flight.asks = ", ".join(f"{k}={v}" for k, v in options.items() if k in ("num_cpus", "num_gpus", "resources"))
 
@@ -383,7 +329,7 @@ class Dispatcher:
         if room <= 0:
             return
         for view in self.store.claim(self.dispatcher_id, room, only=self.only_runs):
-            self._fenced.discard(view.id)
+            self._events.unfence(view.id)
             flight = Flight(view.id, None, {}, retry_at=time.monotonic())  # type: ignore[arg-type]
             self.flights[view.id] = flight
             self._guarded(flight, self._load)
@@ -396,57 +342,7 @@ class Dispatcher:
             done = ", ".join(s.value for s in flight.results)
             self.store.append_log(flight.run_id, f"continuing after {done}")
 
-    def _enforce_ownership(self) -> None:
-        if not self.flights:
-            return
-        owners = self.store.owners(list(self.flights))
-        for run_id, flight in list(self.flights.items()):
-            status, owner = owners.get(run_id, (None, None))
-            if status is RunStatus.RUNNING and owner == self.dispatcher_id:
-                continue
-            self._kill(flight)
-            self._fenced.add(run_id)
-            outcome = "cancelled" if status is RunStatus.CANCELLED else "lost"
-            # ours only: a dispatcher that took the run over may have started attempts of its own
-            self.store.close_open_attempts(run_id, outcome, dispatcher_id=self.dispatcher_id)
-            self.flights.pop(run_id, None)
-
-    def _kill(self, flight: Flight) -> None:
-        import ray
-
-        if flight.ref is not None:
-            # force: the worker process is killed at once (a training loop never checks for a
-            # polite cancel), which frees its CPU and accelerator.
-            ray.cancel(flight.ref, force=True, recursive=True)
-            self._killed.append(flight.ref)
-            flight.ref = None
-
-    def _reap(self) -> None:
-        """Read the outcome of killed tasks, and drop it.
-
-        Ray kills a worker's child processes (git, say) a moment before the worker itself, so a
-        killed stage sometimes ends with its own error ("git failed") instead of a cancellation.
-        Unread, Ray would print that error with its traceback when the ref is dropped, as if
-        something had gone wrong.
-        """
-        import ray
-
-        if not self._killed:
-            return
-        done, self._killed = ray.wait(self._killed, num_returns=len(self._killed), timeout=0)
-        for ref in done:
-            try:
-                ray.get(ref)
-            except Exception:  # noqa: BLE001, S110 - the run was cancelled or taken over: nothing to say
-                pass
-
     # ---- liveness ---------------------------------------------------------------------------
-
-    def _heartbeat(self) -> None:
-        now = time.monotonic()
-        if now - self._last_heartbeat >= heartbeat_interval(self.settings):
-            self.store.heartbeat(self.dispatcher_id, list(self.flights))
-            self._last_heartbeat = now
 
     def _reconcile(self) -> None:
         now = time.monotonic()
