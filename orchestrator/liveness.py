@@ -58,11 +58,12 @@ class Reconciler:
     def lost(self, owners: dict[str, str | None]) -> dict[str, str]:
         """The lost runs among `owners` (running run -> its dispatcher), with the reason."""
         timeout = self.settings.heartbeat_timeout
-        lost = {rid: f"no heartbeat for {timeout:g}s" for rid in self.store.stale_runs(timeout) if rid in owners}
         gone = self._gone({owner for owner in owners.values() if owner})
-        for run_id, owner in owners.items():
-            if owner in gone:
-                lost.setdefault(run_id, f"its dispatcher {owner} is gone")
+        # A dispatcher known gone is the better reason; a stale heartbeat covers the rest.
+        lost = {rid: f"its dispatcher {owner} is gone" for rid, owner in owners.items() if owner in gone}
+        for run_id in self.store.stale_runs(timeout):
+            if run_id in owners:
+                lost.setdefault(run_id, f"no heartbeat for {timeout:g}s")
         return lost
 
     def _gone(self, owners: set[str]) -> set[str]:

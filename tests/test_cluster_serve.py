@@ -110,7 +110,10 @@ def test_sigkill_of_serve_mid_run_loses_nothing_and_runs_nothing_twice(deploymen
         assert {a.dispatcher_id for a in view.attempts} == {first_id, second_id}
         assert any(a.outcome == "lost" and a.dispatcher_id == first_id for a in view.attempts)
         lost = [line.message for line in store.logs(view.id) if line.message.startswith("lost: ")]
-        assert lost == [f"lost: its dispatcher {first_id} is gone"]
+        # Recovered once. Which sign came first depends on how fast the second serve started:
+        # the first's relay actor gone (confirmed a second later), or its 4 s heartbeat lapsed.
+        assert len(lost) == 1 and lost[0] in (f"lost: its dispatcher {first_id} is gone",
+                                              "lost: no heartbeat for 4s"), lost
     assert not watcher.doubles, watcher.doubles  # no stage ever ran in two processes at once
     assert {(rid, "train") for rid in ids} <= watcher.seen
     resumed = [v.id for v in views if any(line.message.startswith("resuming from checkpoint")
