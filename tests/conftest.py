@@ -30,6 +30,17 @@ def local_ray():
         ray_runtime.shutdown()
 
 
+@pytest.fixture(scope="module")
+def ray_cluster():
+    """A real three-node Ray cluster on loopback (head, CPU node, "GPU" node) for one test module
+    (tests/test_cluster_support.py: RayCluster)."""
+    from tests.test_cluster_support import RayCluster
+
+    cluster = RayCluster.start()
+    yield cluster
+    cluster.shutdown()
+
+
 @pytest.fixture(params=["sqlite", "postgresql"])
 def store(request: pytest.FixtureRequest, tmp_path):
     """A fresh, migrated run store: once on SQLite, once on the machine's PostgreSQL."""

@@ -29,7 +29,6 @@ from tests.gitserver import source_files
 from tests.test_cluster_support import (
     ACCEL,
     GitTarpit,
-    RayCluster,
     alive,
     assert_resumed_not_restarted,
     stage_processes,
@@ -37,13 +36,6 @@ from tests.test_cluster_support import (
 )
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
-
-
-@pytest.fixture(scope="module")
-def ray_cluster():
-    cluster = RayCluster.start()
-    yield cluster
-    cluster.shutdown()
 
 
 @pytest.fixture

@@ -22,7 +22,6 @@ from schemas.run import build_run_spec
 from schemas.status import TERMINAL, RunStatus, Stage
 from tests.gitserver import source_files
 from tests.test_cluster_support import (
-    RayCluster,
     Serve,
     StageWatcher,
     alive,
@@ -31,13 +30,6 @@ from tests.test_cluster_support import (
 )
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
-
-
-@pytest.fixture(scope="module")
-def ray_cluster():
-    cluster = RayCluster.start()
-    yield cluster
-    cluster.shutdown()
 
 
 @pytest.fixture
