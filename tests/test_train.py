@@ -229,7 +229,7 @@ def test_out_of_gpu_memory_outside_the_loop_is_a_training_error(
     def out_of_memory(*_args: object, **_kwargs: object) -> None:
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 34.00 GiB")
 
-    target = "_state_from_list" if where == "restoring a checkpoint" else "CharRNN.to"
+    target = "state_from_tensors" if where == "restoring a checkpoint" else "CharRNN.to"
     monkeypatch.setattr(f"workers.train.{target}", out_of_memory)
     with pytest.raises(TrainingError) as err:
         run_train_stage(storage, "0f0f0d", corpus, TINY_MODEL, TINY_TRAIN, ListReporter(),

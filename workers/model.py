@@ -110,3 +110,18 @@ def autocast(device: torch.device, dtype: torch.dtype | None) -> Iterator[None]:
         return
     with torch.autocast(device_type=device.type, dtype=dtype):
         yield
+
+
+def state_tensors(state: State | None) -> list[torch.Tensor]:
+    """A hidden state as a plain list of tensors (for a checkpoint)."""
+    if state is None:
+        return []
+    return [s.detach() for s in state] if isinstance(state, tuple) else [state.detach()]
+
+
+def state_from_tensors(tensors: list[torch.Tensor], device: torch.device) -> State | None:
+    """`state_tensors` undone, on `device`: (h, c) for an LSTM, h otherwise, None for none."""
+    if not tensors:
+        return None
+    moved = [t.to(device) for t in tensors]
+    return tuple(moved) if len(moved) == 2 else moved[0]  # type: ignore[return-value]

@@ -43,7 +43,10 @@ from workers.model import (
     detach_state,
     resolve_device,
     resolve_precision,
+    state_from_tensors,
+    state_tensors,
 )
+from workers.optim import lr_at, make_optimizer
 from workers.progress import Reporter
 from workers.storage import Storage
 from workers.vocab import Vocab
@@ -125,19 +128,6 @@ def default_threads() -> int:
         return os.cpu_count() or 1
 
 
-def lr_at(train: TrainConfig, step: int, progress: float) -> float:
-    """Warmup over `warmup_iters` steps, then decay with `progress` in [0, 1] of the run."""
-    warm = min(1.0, step / train.warmup_iters) if train.warmup_iters else 1.0
-    p, floor = min(max(progress, 0.0), 1.0), train.min_lr_frac
-    if train.lr_schedule == "cosine":
-        decay = floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * p))
-    elif train.lr_schedule == "linear":
-        decay = 1 - (1 - floor) * p
-    else:
-        decay = 1.0
-    return train.learning_rate * warm * decay
-
-
 def _describe(model: ModelConfig) -> str:
     return f"{model.num_layers}x{model.rnn_size} {model.model}"
 
@@ -185,7 +175,7 @@ class Trainer:
         self.train_ids, self.val_ids = split(ids, train.val_frac)
         torch.manual_seed(train.seed)
         self.model = CharRNN(len(vocab), model).to(device)
-        self.optimizer = _optimizer(self.model, train)
+        self.optimizer = make_optimizer(self.model, train)
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.dtype is torch.float16)
         self.data_rng = torch.Generator().manual_seed(train.seed + 1)
         self.batches = Batches(self.train_ids, train, self.data_rng)
@@ -365,7 +355,7 @@ class Trainer:
             optimizer_state=self.optimizer.state_dict(),
             scaler_state=self.scaler.state_dict(),
             rng_state=rng,
-            data_state={**self.batches.state(), "hidden": _state_list(self.hidden),
+            data_state={**self.batches.state(), "hidden": state_tensors(self.hidden),
                         "counters": counters},
             info={**self.info, "chars_per_sec": chars_per_sec,
                   "precision": str(self.dtype or torch.float32).removeprefix("torch.")},
@@ -395,32 +385,6 @@ class Trainer:
         if "cuda" in ckpt.rng_state and self.device.type == "cuda":
             torch.cuda.set_rng_state(ckpt.rng_state["cuda"], self.device)
         self.batches.restore(ckpt.data_state)
-        self.hidden = _state_from_list(ckpt.data_state.get("hidden") or [], self.device)
+        self.hidden = state_from_tensors(ckpt.data_state.get("hidden") or [], self.device)
         self.c = Counters(**ckpt.data_state["counters"])
         self.info.update({k: v for k, v in ckpt.info.items() if k not in ("finished", "stop_reason")})
-
-
-def _optimizer(model: CharRNN, train: TrainConfig) -> torch.optim.Optimizer:
-    params = model.parameters()
-    if train.optimizer == "rmsprop":  # char-rnn's optimizer: alpha 0.95
-        return torch.optim.RMSprop(params, lr=train.learning_rate, alpha=0.95,
-                                   weight_decay=train.weight_decay)
-    # beta2 0.99 rather than 0.999: with few characters per step the second moment must follow
-    # the loss faster (nanoGPT's char-level setting); measured better in bench/train.py part (c).
-    # The fused kernel (CPU and CUDA) saves ~1 ms a step over the per-parameter loop.
-    fused = all(p.device.type in ("cpu", "cuda") for p in model.parameters())
-    return torch.optim.AdamW(params, lr=train.learning_rate, betas=(0.9, 0.99),
-                             weight_decay=train.weight_decay, fused=fused or None)
-
-
-def _state_list(state: State | None) -> list[torch.Tensor]:
-    if state is None:
-        return []
-    return [s.detach() for s in state] if isinstance(state, tuple) else [state.detach()]
-
-
-def _state_from_list(tensors: list[torch.Tensor], device: torch.device) -> State | None:
-    if not tensors:
-        return None
-    moved = [t.to(device) for t in tensors]
-    return tuple(moved) if len(moved) == 2 else moved[0]  # type: ignore[return-value]
