@@ -126,7 +126,7 @@ def evaluate_text(
         if size == 0:
             raise InvalidSpec("nothing to evaluate: the text is empty")
         ids = np.memmap(spool.name, dtype=ckpt.vocab.dtype, mode="r")
-        return evaluate_ids(model, ids, device=dev, dtype=resolve_precision(precision, dev),
+        return evaluate_ids(model, ids, device=dev, dtype=resolve_precision(precision, dev, ckpt.model_config.model),
                             max_streams=streams)
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from schemas.errors import TrainingError
 from schemas.training import ModelConfig
 
 State = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
@@ -85,18 +86,36 @@ def cpu_has_native_bf16() -> bool:
     return ("avx512_bf16" in flags or "amx_bf16" in flags) and torch.backends.mkldnn.is_available()
 
 
-def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
+@functools.cache
+def cpu_autocast_runs(cell: str, dtype: torch.dtype) -> bool:
+    """Whether this CPU's oneDNN runs `cell` under autocast to `dtype` at all: on a CPU without
+    AVX-512 it has no bf16 or fp16 LSTM ("could not create a primitive descriptor")."""
+    rnn = {"lstm": nn.LSTM, "gru": nn.GRU, "rnn": nn.RNN}[cell](4, 4, batch_first=True)
+    try:
+        with torch.autocast(device_type="cpu", dtype=dtype):
+            rnn(torch.zeros(1, 1, 4))
+    except RuntimeError:
+        return False
+    return True
+
+
+def resolve_precision(precision: str, device: torch.device, cell: str = "lstm") -> torch.dtype | None:
     """The autocast dtype for a `precision` option, or None for plain fp32.
 
     "auto": bf16 on CPUs with native bf16 (measured ~1.5-2x faster for the LSTM step, see
     docs/training.md), bf16 on GPUs that have it, fp16 AMP on older GPUs, fp32 otherwise.
+    An explicit bf16 or fp16 that this CPU cannot run for `cell` is refused with a reason.
     """
     if precision == "fp32":
         return None
-    if precision == "bf16":
-        return torch.bfloat16
-    if precision == "fp16":
-        return torch.float16
+    if precision in ("bf16", "fp16"):
+        dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+        if device.type == "cpu" and not cpu_autocast_runs(cell, dtype):
+            raise TrainingError(
+                f"precision={precision} cannot run a {cell.upper()} on this CPU (its oneDNN has no "
+                f"{precision} {cell.upper()} without AVX-512); use precision=auto (fp32 here) or fp32"
+            )
+        return dtype
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return torch.bfloat16 if device.type == "cpu" and cpu_has_native_bf16() else None

@@ -171,7 +171,7 @@ class Trainer:
         self.storage, self.run_id, self.reporter = storage, run_id, reporter
         self.vocab, self.model_config, self.train = vocab, model, train
         self.device = device
-        self.dtype = resolve_precision(train.precision, device)
+        self.dtype = resolve_precision(train.precision, device, model.model)
         self.train_ids, self.val_ids = split(ids, train.val_frac)
         torch.manual_seed(train.seed)
         self.model = CharRNN(len(vocab), model).to(device)
