@@ -5,7 +5,8 @@
 Tree: this interpreter's standard library directory (`sysconfig` "stdlib", site-packages
 included; ~940 MB, ~50,000 files here). In one run it measures, page cache warmed first:
 
-- the builder (`workers.corpus.build_corpus_file`, default CorpusConfig) in a child process:
+- the builder (`workers.corpus.build_corpus_file`, default CorpusConfig) in a child process,
+  and again without its C extension (CHARFORGE_NO_NATIVE=1, wall time only):
   bytes and files kept/skipped, wall time (best of --repeat), and, in one more run, the peak
   memory of its whole process tree (builder + forkserver + workers, sampled every 20 ms, as PSS:
   shared pages divided among the processes);
@@ -41,6 +42,7 @@ def child(tree: str, out: str, jobs: int, keep_duplicates: bool) -> None:
     """Runs in a subprocess: one build, facts as JSON on stdout."""
     from schemas.corpus import CorpusConfig
     from workers.corpus import build_corpus_file
+    from workers.corpus.textscan import NATIVE
 
     start = time.perf_counter()
     summary = build_corpus_file([tree], CorpusConfig(dedupe=not keep_duplicates), Path(out),
@@ -51,11 +53,14 @@ def child(tree: str, out: str, jobs: int, keep_duplicates: bool) -> None:
         "wall": wall, "bytes": totals["bytes"], "source_bytes": totals["source_bytes"],
         "files": totals["files"], "skipped": totals["skipped"], "by_reason": totals["skipped_by_reason"],
         "vocab": totals["vocab_size"], "main_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "native": NATIVE,
     }))
 
 
-def run_builder(tree: Path, out: Path, jobs: int, keep_duplicates: bool = False, *, sample: bool = True) -> dict:
-    """One build in a child process; with `sample`, adds the peak memory of its process tree.
+def run_builder(tree: Path, out: Path, jobs: int, keep_duplicates: bool = False, *, sample: bool = True,
+                native: bool = True) -> dict:
+    """One build in a child process; with `sample`, adds the peak memory of its process tree;
+    `native=False`: without the C extension (CHARFORGE_NO_NATIVE=1).
 
     Sampling reads /proc/*/smaps_rollup and costs CPU: timed runs do not sample.
     """
@@ -63,7 +68,8 @@ def run_builder(tree: Path, out: Path, jobs: int, keep_duplicates: bool = False,
     cmd = [sys.executable, __file__, "--child", str(tree), str(out), str(jobs)]
     if keep_duplicates:
         cmd.append("--keep-duplicates")
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+    env = {**os.environ, "CHARFORGE_NO_NATIVE": "0" if native else "1"}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env)
     peak_rss = peak_pss = 0
     parent = psutil.Process(proc.pid)
     while sample and proc.poll() is None:
@@ -80,6 +86,8 @@ def run_builder(tree: Path, out: Path, jobs: int, keep_duplicates: bool = False,
     if proc.returncode != 0:
         raise SystemExit(f"builder failed with exit code {proc.returncode}")
     facts = json.loads(stdout.strip().splitlines()[-1])
+    if facts["native"] != native:
+        raise SystemExit(f"builder ran {'with' if facts['native'] else 'without'} the C extension")
     facts["tree_rss"], facts["tree_pss"] = peak_rss, peak_pss
     return facts
 
@@ -144,6 +152,14 @@ def main() -> None:
         print(f"xargs cat *.py: {mb(xargs_bytes)} in {xargs_wall:.2f} s = {mb(xargs_bytes / xargs_wall)}/s")
         fraction = (best["bytes"] / best["wall"]) / (xargs_bytes / xargs_wall)
         print(f"throughput vs raw xargs cat: {fraction:.0%} (goal >= 50%)")
+        plain = [run_builder(tree, work / f"plain-{i}.txt", jobs, sample=False, native=False)
+                 for i in range(args.repeat)]
+        slow = min(r["wall"] for r in plain)
+        for i in range(args.repeat):
+            (work / f"plain-{i}.txt").unlink(missing_ok=True)
+        print(f"builder without the C extension (CHARFORGE_NO_NATIVE=1): wall {slow:.2f} s, "
+              f"{slow / best['wall']:.2f}x the builder's; {(best['bytes'] / slow) / (xargs_bytes / xargs_wall):.0%} "
+              "of xargs cat")
         if not args.no_exec:
             exec_out = work / "exec.txt"
             exec_wall = timed_shell(f"find {q(tree)} -name '*' -exec cat {{}} \\; > {q(exec_out)} 2>/dev/null || true")

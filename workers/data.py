@@ -66,7 +66,8 @@ def count_codepoints(chunks: Iterable[str]) -> dict[str, int]:
     """Character counts of decoded text, chunk by chunk (a numpy histogram over code points).
 
     Only for a corpus without a usable manifest: the corpus builder counts characters as it
-    writes (`workers.corpus.content.count_chars`, over UTF-8 bytes) and records them there.
+    reads them (`workers.corpus.textscan.count_bytes` over UTF-8 bytes, plus the characters past
+    U+007F) and records them there.
     """
     counts = np.zeros(MAX_CODEPOINT + 1, dtype=np.int64)
     for chunk in chunks:

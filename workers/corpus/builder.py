@@ -1,22 +1,28 @@
-"""The corpus build: walk -> path rules -> content checks (on every core) -> one ordered stream.
+"""The corpus build: walk -> path rules -> reading -> judging -> one ordered stream.
 
-Memory stays flat whatever the corpus size: the walk is a generator, files travel in small
-batches, at most `2 x jobs` batches are in flight, the corpus goes straight to its file (through
-a writer thread that hashes and counts it on the way: `_Writer`), and the manifest's per-file
-records go to disk. Order is the walk's (sorted paths), whatever order the workers finish in,
-because batches are consumed in the order they were submitted.
+On two cores (one job) the build runs in this process on three threads: this one walks and
+judges, `streams.ReadAhead` reads the next files (the C reader holds no GIL), and
+`streams.Writer` writes, hashes and counts the corpus. With more cores, batches after the first
+INLINE_FILES files go to a process pool whose workers write their text to part files that the
+writer copies in (docs/corpus.md, "Benchmark", says what each costs).
+
+Memory stays flat whatever the corpus size: the walk is a generator, files are read a slice of
+about a MiB at a time, a bounded number of slices and batches are in flight, the corpus goes
+straight to its file, and the manifest's per-file records go to disk. Order is the walk's
+(sorted paths), whatever order the workers finish in, because batches are consumed in the order
+they were submitted.
 """
 
 from __future__ import annotations
 
 import itertools
-import queue
-import threading
+import shutil
+import tempfile
 import time
 from collections import Counter, deque
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import IO, Any
 
@@ -29,25 +35,24 @@ from workers.corpus import paths as P
 from workers.corpus.content import (
     BatchResult,
     Item,
+    Judged,
     Outcome,
+    Planned,
     Rules,
     Task,
-    byte_counts,
-    examine_batch,
-    non_ascii_counts,
+    plan,
+    read_slices,
 )
 from workers.corpus.manifest import ManifestWriter, skipped_line
 from workers.corpus.pool import INLINE_FILES, Runner, default_jobs
+from workers.corpus.reading import FileReader, Read
 from workers.corpus.sources import GitView, walk
+from workers.corpus.streams import Parts, ReadAhead, Writer
 from workers.progress import Reporter
-from workers.storage import HashingWriter
 
 CHUNK_ENTRIES = 2048  # paths per `git check-attr` call
-BATCH_FILES = 64  # files per task sent to a worker
-BATCH_BYTES = 1024 * 1024  # ... or fewer, when they are big: results in flight stay small
-# (In-process, a batch is cut where its text reaches BATCH_BYTES, however many files that takes.)
+BATCH_FILES = 256  # entries per task sent to a worker (its text goes to a part file, not back)
 PROGRESS_EVERY = 0.5  # seconds between progress reports
-QUEUED_WRITES = 4  # batch payloads waiting for the writer thread
 
 
 @dataclass
@@ -100,7 +105,7 @@ class BuildStats:
     def add_batch(self, tree: int, result: BatchResult) -> None:
         kept = sum(result.files_by_language.values())
         self.files += kept
-        self.bytes += len(result.payload)
+        self.bytes += _length(result)
         self.source_bytes += result.source_bytes
         self.repo_files[tree] += kept
         self.repo_bytes[tree] += result.source_bytes
@@ -109,7 +114,8 @@ class BuildStats:
         self.by_reason.update(result.by_reason)
         self.files_by_language.update(result.files_by_language)
         self.bytes_by_language.update(result.bytes_by_language)
-        self.other.update(result.other_counts)
+        for counts in result.beyond_ascii.values():
+            self.other.update(counts)
 
     def vocab(self) -> list[tuple[str, int]]:
         pairs = [(chr(i), int(n)) for i, n in enumerate(self.ascii) if n]
@@ -142,6 +148,10 @@ class _Batch:
     future: Future[BatchResult]
 
 
+def _length(result: BatchResult) -> int:
+    return result.part.length if result.part else len(result.payload)
+
+
 def _done(result: BatchResult) -> Future[BatchResult]:
     future: Future[BatchResult] = Future()
     future.set_result(result)
@@ -164,72 +174,16 @@ def _annotate(git: GitView, chunk: list[Item]) -> list[Item]:
             if item.rel in attrs or item.rel in ignored else item for item in chunk]
 
 
-def _sized(chunk: list[Item], max_file_bytes: int) -> Iterator[list[Item]]:
-    """Batches for a pool: BATCH_FILES files, or fewer when their sizes (lstat) add up to
-    BATCH_BYTES."""
-    items: list[Item] = []
-    size = 0
-    for item in chunk:
-        items.append(item)
-        if item.skip:  # travels with the batch to keep walk order
-            continue
-        size += min(item.size or 0, max_file_bytes)
-        if len(items) >= BATCH_FILES or size >= BATCH_BYTES:
-            yield items
-            items, size = [], 0
-    if items:
-        yield items
-
-
-class _Writer:
-    """Writes the corpus on a thread of its own, hashing it and counting its bytes on the way.
-
-    sha256, the byte histogram and the write itself run without the GIL, so on a second core
-    they overlap the reading and judging of the next files. At most QUEUED_WRITES payloads wait
-    (about 1 MiB each). An error stops the writing and is raised in the builder's thread, by the
-    next `write` or by `close`. (Measured: moving the duplicate check and the files' own sha256
-    here too was slower; their Python work then competes for the GIL.)
-    """
-
-    def __init__(self, out: IO[bytes]) -> None:
-        self._out = HashingWriter(out)
-        self.ascii = np.zeros(128, dtype=np.int64)  # counts of code points 0..127 written
-        self._queue: queue.Queue[bytes | None] = queue.Queue(QUEUED_WRITES)
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, name="corpus-writer", daemon=True)
-        self._thread.start()
-
-    def write(self, text: bytes) -> None:
-        if self._error is not None:
-            raise self._error
-        if text:
-            self._queue.put(text)
-
-    def _run(self) -> None:
-        while (text := self._queue.get()) is not None:
-            if self._error is None:  # after an error, only drain: a waiting `write` never blocks
-                try:
-                    self._out.write(text)
-                    self.ascii += byte_counts(text)[:128]
-                except BaseException as exc:  # noqa: BLE001 - raised again in the builder's thread
-                    self._error = exc
-
-    def close(self, *, check: bool = True) -> str:
-        """Wait until everything queued is written; the sha256 of all of it. `check=False`: the
-        build failed already, and its error is the one to raise."""
-        self._queue.put(None)
-        self._thread.join()
-        if check and self._error is not None:
-            raise self._error
-        return self._out.sha256
-
-
 class CorpusBuilder:
-    """Builds one corpus from one or more trees into `out`, recording every file in `manifest`."""
+    """Builds one corpus from one or more trees into `out`, recording every file in `manifest`.
+
+    `parts`: a directory of its own for the workers' part files (made when a pool starts;
+    a temporary directory when none is given), emptied by the end of `build`.
+    """
 
     def __init__(
         self, config: CorpusConfig, out: IO[bytes], manifest: ManifestWriter, reporter: Reporter,
-        *, jobs: int | None = None, inline_files: int | None = None,
+        *, jobs: int | None = None, inline_files: int | None = None, parts: Path | None = None,
     ) -> None:
         self.config = config
         self.rules = P.PathRules(config)
@@ -237,20 +191,32 @@ class CorpusBuilder:
         self.manifest = manifest
         self.reporter = reporter
         self.runner = Runner(jobs or default_jobs(), INLINE_FILES if inline_files is None else inline_files)
+        self._parts_dir = parts
         self._seen: dict[bytes, tuple[int, str]] = {}
         self._last_report = 0.0
 
     def build(self, trees: Sequence[SourceTree]) -> BuildStats:
         self.stats = BuildStats(repos=len(trees))
         self._labels = [tree.label for tree in trees]
-        self.out = _Writer(self._sink)
+        self.out = Writer(self._sink)
+        own_dir = self._parts_dir is None and self.runner.jobs > 1
+        directory = Path(tempfile.mkdtemp(prefix="charforge-parts-")) if own_dir else self._parts_dir
+        self.parts = Parts(directory, self.out) if directory else None
         try:
-            self._run(trees)
-        except BaseException:
-            self.out.close(check=False)
-            raise
-        self.stats.text_sha256 = self.out.close()
-        self.stats.ascii = self.out.ascii
+            try:
+                if self.parts:
+                    self.parts.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+                self._run(trees)
+            except BaseException:
+                self.out.close(check=False)
+                raise
+            self.stats.text_sha256 = self.out.close()
+            self.stats.ascii = np.frombuffer(self.out.counts, dtype=np.int64)[:128].copy()
+        finally:
+            if self.parts:
+                self.parts.close()
+            if own_dir:
+                shutil.rmtree(directory, ignore_errors=True)  # type: ignore[arg-type]
         self._report(force=True)
         if self.stats.files == 0:
             raise CorpusError(empty_message(self.stats))
@@ -270,32 +236,71 @@ class CorpusBuilder:
             self.runner.close()
 
     def _batches(self, index: int, tree: SourceTree) -> Iterator[_Batch]:
+        """The tree's batches in walk order: examined in-process (the first INLINE_FILES files
+        of a pool build, or all with one job) or by the pool's workers."""
         task = Task(str(tree.root), tree.label, index, Rules.of(self.config))
-        pooled = self.runner.jobs > 1  # batches sized by lstat, for workers; else cut as they are read
-        entries = walk(tree.root, self.rules, marks=tree.marks, attrs_above=tree.attrs_above, sizes=pooled)
-        for chunk in _chunks(entries, CHUNK_ENTRIES):
-            chunk = _annotate(tree.git, chunk)
-            if pooled:
-                for items in _sized(chunk, self.config.max_file_bytes):
-                    yield _Batch(index, self.runner.submit(task, items))
-                continue
-            while chunk:
-                result = examine_batch(task, chunk, BATCH_BYTES)
-                yield _Batch(index, _done(result))
-                chunk = chunk[result.done:]
+        pooled = replace(task, parts=str(self.parts.directory)) if self.parts else task
+        entries = walk(tree.root, self.rules, marks=tree.marks, attrs_above=tree.attrs_above)
+        reader = FileReader(str(tree.root))
+        ahead = ReadAhead(reader, self.config.max_file_bytes) if reader.native else None
+        waiting: deque[list[Planned]] = deque()  # chunks whose files `ahead` reads, in order
+        try:
+            for chunk in _chunks(entries, CHUNK_ENTRIES):
+                chunk = _annotate(tree.git, chunk)
+                if not self.runner.inline(chunk):  # a worker's text goes to its part file: any size
+                    while waiting:
+                        yield from self._judge(task, waiting.popleft(), ahead.slices(), reader)  # type: ignore[union-attr]
+                    for items in _chunks(chunk, BATCH_FILES):
+                        yield _Batch(index, self.runner.submit(pooled, items))
+                    continue
+                planned, paths, probe = plan(task, chunk, reader)
+                if ahead is None:
+                    yield from self._judge(task, planned, read_slices(reader, paths, probe, task.rules.max_file_bytes),
+                                           reader)
+                    continue
+                ahead.submit(paths, probe)  # read while the chunk before is judged
+                waiting.append(planned)
+                if len(waiting) > 1:
+                    yield from self._judge(task, waiting.popleft(), ahead.slices(), reader)
+            while waiting:
+                yield from self._judge(task, waiting.popleft(), ahead.slices(), reader)  # type: ignore[union-attr]
+        finally:
+            if ahead is not None:
+                ahead.close()
+            reader.close()
+
+    @staticmethod
+    def _judge(task: Task, planned: list[Planned], slices: Iterable[list[Read]], reader: FileReader) -> Iterator[_Batch]:
+        """In-process: a batch for each slice of files read (about READ_BYTES of text)."""
+        at = 0
+        for reads in slices:
+            judged = Judged(task)
+            at = judged.take(planned, at, reads, reader)
+            yield _Batch(task.repo, _done(judged.result()))
+        if at < len(planned):  # entries after the last file read, decided without reading
+            judged = Judged(task)
+            judged.take(planned, at, [], reader, last=True)
+            yield _Batch(task.repo, _done(judged.result()))
 
     def _consume(self, batch: _Batch) -> None:
         result = batch.future.result()
         stats = self.stats
         dups = self._duplicates(batch.tree, result) if self.config.dedupe else set()
-        if not dups and stats.bytes + len(result.payload) <= self.config.max_total_bytes:
+        if not dups and stats.bytes + _length(result) <= self.config.max_total_bytes:
             # The common case: the whole batch goes in as the worker prepared it.
-            self.out.write(result.payload)
+            self._copy(result, 0, _length(result))
             self.manifest.add("".join(result.kept_lines), "".join(result.skipped_lines))
             stats.add_batch(batch.tree, result)
         else:
             self._consume_each(batch.tree, result, dups)
         self._report()
+
+    def _copy(self, result: BatchResult, start: int, end: int) -> None:
+        """Bytes start..end of the batch's text into the corpus."""
+        if result.part is None:
+            self.out.write(memoryview(result.payload)[start:end])
+        else:
+            self.out.copy(self.parts.fd(result.part.path), result.part.offset + start, end - start)  # type: ignore[union-attr]
 
     def _duplicates(self, tree: int, result: BatchResult) -> set[int]:
         """Indexes of kept outcomes whose bytes an earlier file already brought in."""
@@ -308,34 +313,36 @@ class CorpusBuilder:
         return dups
 
     def _consume_each(self, tree: int, result: BatchResult, dups: set[int]) -> None:
-        """File by file: drop duplicates, stop exactly at the total cap."""
-        stats, payload, offset = self.stats, memoryview(result.payload), 0
+        """File by file: drop duplicates, stop exactly at the total cap. Runs of kept files are
+        copied whole."""
+        stats = self.stats
         kept_lines, skipped_lines = iter(result.kept_lines), iter(result.skipped_lines)
-        pieces: list[memoryview] = []
         kept: list[str] = []
         skipped: list[str] = []
+        run_start = offset = 0  # the run of kept text not copied yet starts at run_start
         for i, o in enumerate(result.outcomes):
             if o.reason is not None:
                 stats.skip(o, o.reason)
                 skipped.append(next(skipped_lines))
                 continue
-            piece = payload[offset:offset + o.length]
-            offset += o.length
             line = next(kept_lines)
             if i in dups:
                 dup = o._replace(reason=P.DUPLICATE, detail=self._same_as(self._seen[o.sha256]))  # type: ignore[index]
                 stats.skip(o, P.DUPLICATE)
                 skipped.append(skipped_line(tree, dup))
-                stats.other.subtract(non_ascii_counts(piece))  # the batch's counts included it
+                self._copy(result, run_start, offset)
+                offset += o.length
+                run_start = offset
                 continue
-            if stats.bytes + len(piece) > self.config.max_total_bytes:
+            if stats.bytes + o.length > self.config.max_total_bytes:
                 raise CorpusError(cap_message(self.config.max_total_bytes, stats))
-            pieces.append(piece)
+            offset += o.length
             kept.append(line)
-            stats.keep(tree, o, len(piece))
-        self.out.write(b"".join(pieces))
+            stats.keep(tree, o, o.length)
+            if i in result.beyond_ascii:
+                stats.other.update(result.beyond_ascii[i])
+        self._copy(result, run_start, offset)
         self.manifest.add("".join(kept), "".join(skipped))
-        stats.other.update(result.other_counts)
 
     def _same_as(self, first: tuple[int, str]) -> str:
         label = self._labels[first[0]]

@@ -1,11 +1,11 @@
-"""Reading and judging file contents: the part of the build that runs on every core.
-(How a kept file is laid out in the text, its header, is `layout`'s.)
+"""Judging file contents: the part of the build that runs on every core. (Reading the files
+safely is `reading`'s; how a kept file is laid out in the text, its header, is `layout`'s.)
 
-`examine_batch` is a top-level function over picklable arguments so a process pool can run it.
-It opens each file beneath the tree's root one directory at a time with O_NOFOLLOW (a link
-anywhere on the path is refused by the kernel, not by a check that could race), opens with
-O_NONBLOCK and checks `fstat` is a regular file (a FIFO or device swapped in cannot block or
-feed forever), and never reads more than `max_file_bytes + 1` bytes of anything.
+A batch goes `plan` (the path rules: what needs no reading) -> `FileReader.read` (a MiB of
+files at a time) -> `Judged.take` (each file's verdict, its header and text, its manifest
+record). `examine_batch` does all three, as a top-level function over picklable arguments so a
+process pool can run it; the builder also runs the reading on a thread of its own while it
+judges (`builder._ReadAhead`).
 
 Everything here runs once per file, tens of thousands of times a build: the walk does not stat
 files (the `fstat` of the open file gives their size), a file whose name says text is read with
@@ -17,29 +17,25 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
-import stat
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, fields
 from functools import lru_cache
 from typing import TYPE_CHECKING, NamedTuple
 
-import numpy as np
-
 from workers.corpus import paths as P
 from workers.corpus.layout import header_line
 from workers.corpus.manifest import kept_line, skipped_line
+from workers.corpus.reading import NOT_REGULAR, OPEN_FAILED, READ_FAILED, FileReader, Read
+from workers.corpus.textscan import has_long_line
 
 if TYPE_CHECKING:
     from schemas.corpus import CorpusConfig
 
-HELD_DIRS = 32  # directory descriptors an _Opener keeps open down the current path
-PROBE_BYTES = 8192  # the first read; git also looks for NUL in the first 8000 bytes
-SMALL_COUNT = 1 << 16
-COUNT_SLICE = 1 << 20  # pairs: bincount widens its input to intp (4x), 8 MiB at a time at most
+READ_BYTES = 1 << 20  # files are read until their data reach this, then judged
+FLUSH_BYTES = 1 << 20  # a pool worker writes a batch's text out this much at a time
+PART_BYTES = 64 << 20  # ... to a part file that is replaced by a new one past this size
 _ASCII = bytes(range(128))  # deleted from UTF-8 text, they leave its other characters whole
-_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
-_FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
 
 @dataclass(frozen=True, slots=True)
 class Rules:
@@ -89,6 +85,7 @@ class Task:
     label: str  # prefix of header paths when several repos are combined
     repo: int  # the repo's index in the manifest
     rules: Rules
+    parts: str | None = None  # a pool worker writes the batch's text to a part file in this directory
 
 
 class Outcome(NamedTuple):
@@ -103,157 +100,36 @@ class Outcome(NamedTuple):
     length: int = 0  # bytes of its payload (header + text + final newline) in the batch's payload
 
 
+class PartRef(NamedTuple):
+    """Where a pool worker wrote a batch's text: `length` bytes of file `path` from `offset`."""
+
+    path: str
+    offset: int
+    length: int
+
+
 @dataclass(slots=True)
 class BatchResult:
     """A batch as if every file it kept were new: the builder only re-checks duplicates."""
 
     outcomes: list[Outcome]
-    payload: bytes  # the kept files' payloads, concatenated in order
+    payload: bytes  # the kept files' payloads, concatenated in order (b"" when `part` holds them)
+    part: PartRef | None  # a pool worker's batch: its payload, in a part file
     kept_lines: list[str]  # their manifest records, in order
     skipped_lines: list[str]  # the manifest records of the rest, in order
-    other_counts: dict[str, int]  # counts of the characters past U+007F in `payload`
+    beyond_ascii: dict[int, Counter[str]]  # characters past U+007F of the kept files that have
+    # any (by index in `outcomes`), counted: the builder leaves out those of duplicates
     by_reason: Counter[str]
     skipped_dirs: int  # skipped entries that are whole directories
     files_by_language: Counter[str]
     bytes_by_language: Counter[str]  # of the kept files' own bytes
     source_bytes: int
-    done: int  # items judged: all of them, or fewer when a byte budget ran out first
-
-
-class _Opener:
-    """Opens paths beneath one root, one directory at a time with O_NOFOLLOW.
-
-    Files come in sorted path order, so the next file is mostly in the same directory, a
-    sibling, or back up after a subdirectory: the descriptors of the current directory and its
-    ancestors stay open (HELD_DIRS of them at most; deeper ones are opened again each time), and
-    moving on opens only the directories that changed.
-    """
-
-    def __init__(self, root: str) -> None:
-        self.root_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        self._held: list[tuple[str, int]] = []  # (name, descriptor) of each directory down from root
-        self._deep: int | None = None  # the current directory's descriptor when deeper than that
-        self._dir_rel, self._dir_fd = "", self.root_fd
-
-    def open(self, rel: str) -> int:
-        parent, _, name = rel.rpartition("/")
-        if parent != self._dir_rel:
-            self._set_dir(parent)
-        return os.open(name, _FILE_FLAGS, dir_fd=self._dir_fd)
-
-    def size(self, rel: str) -> int | None:
-        """lstat's size of `rel` (None if it is gone): for files the walk did not stat."""
-        parent, _, name = rel.rpartition("/")
-        try:
-            if parent != self._dir_rel:
-                self._set_dir(parent)
-            return os.stat(name, dir_fd=self._dir_fd, follow_symlinks=False).st_size
-        except OSError:
-            return None
-
-    def _set_dir(self, parent: str) -> None:
-        parts = parent.split("/") if parent else []
-        held = self._held
-        same = 0
-        while same < min(len(held), len(parts)) and held[same][0] == parts[same]:
-            same += 1
-        self._release(same)
-        fd, deep = self._dir_fd, None
-        try:
-            for part in parts[same:]:
-                nxt = os.open(part, _DIR_FLAGS, dir_fd=fd)
-                if deep is not None:
-                    os.close(deep)
-                    deep = None
-                if len(held) < HELD_DIRS:
-                    held.append((part, nxt))
-                else:
-                    deep = nxt
-                fd = nxt
-        except OSError:
-            if deep is not None:
-                os.close(deep)
-            self._release(len(held))  # the current directory is what `held` reaches
-            raise
-        self._deep = deep
-        self._dir_rel, self._dir_fd = parent, fd
-
-    def _release(self, depth: int) -> None:
-        """Close every descriptor below the first `depth` held directories; that is the current one."""
-        if self._deep is not None:
-            os.close(self._deep)
-            self._deep = None
-        while len(self._held) > depth:
-            os.close(self._held.pop()[1])
-        self._dir_rel = "/".join(name for name, _ in self._held)
-        self._dir_fd = self._held[-1][1] if self._held else self.root_fd
-
-    def close(self) -> None:
-        self._release(0)
-        os.close(self.root_fd)
-
-
-def _read_limited(fd: int, size: int, limit: int, *, probe: bool) -> bytes:
-    """At most `limit` bytes of a file `fstat` gave `size`: one that grows while we read (or
-    never ends) stops there.
-
-    The first read asks for the whole file plus one byte (which shows that it grew), or, with
-    `probe` (a name that does not say text), for PROBE_BYTES: a NUL byte in those marks the file
-    binary (as git decides), and the rest of it is never read. A read that returns less than it
-    asked for is the end of the file.
-    """
-    ask = min(size + 1, limit, PROBE_BYTES if probe else limit)
-    first = os.read(fd, ask)
-    if len(first) < ask or (probe and b"\0" in first):  # all of it, or binary
-        return first
-    chunks, got = [first], len(first)
-    while got < limit:
-        ask = min(limit - got, max(size + 1 - got, 65536))
-        chunk = os.read(fd, ask)
-        chunks.append(chunk)
-        got += len(chunk)
-        if len(chunk) < ask:
-            break
-    return b"".join(chunks)
-
-
-def longest_line_exceeds(data: bytes, limit: int) -> bool:
-    """True if some line is longer than `limit` bytes: jumps a window at a time, not a line."""
-    pos, end = 0, len(data)
-    while end - pos > limit:
-        newline = data.rfind(b"\n", pos, pos + limit + 1)
-        if newline < 0:
-            return True
-        pos = newline + 1
-    return False
-
-
-def byte_counts(data: bytes | memoryview) -> np.ndarray:
-    """A histogram of byte values. Counting 16-bit pairs halves the elements numpy must widen."""
-    arr = np.frombuffer(data, dtype=np.uint8)
-    if len(arr) < SMALL_COUNT:  # a 64K-bin histogram costs more than it saves on little data
-        return np.bincount(arr, minlength=256)
-    pairs = arr[: len(arr) & ~1].view(np.uint16)
-    counts = np.zeros(1 << 16, dtype=np.int64)
-    for start in range(0, len(pairs), COUNT_SLICE):
-        counts += np.bincount(pairs[start:start + COUNT_SLICE], minlength=1 << 16)
-    square = counts.reshape(256, 256)
-    result = square.sum(axis=0) + square.sum(axis=1)
-    if len(arr) & 1:
-        result[arr[-1]] += 1
-    return result
 
 
 def non_ascii_counts(text: bytes | memoryview) -> Counter[str]:
     """Counts of the characters of UTF-8 `text` past U+007F. No ASCII byte is part of a longer
     sequence, so deleting them leaves exactly those characters, still valid UTF-8."""
     return Counter(bytes(text).translate(None, _ASCII).decode("utf-8"))
-
-
-def count_chars(text: bytes | memoryview) -> tuple[np.ndarray, Counter[str]]:
-    """Character counts of UTF-8 `text`: code points 0..127 as an array, the rest in a Counter."""
-    counts = byte_counts(text)
-    return counts[:128], (non_ascii_counts(text) if counts[128:].any() else Counter())
 
 
 def _decode(data: bytes, rules: Rules) -> tuple[bytes | None, str | None]:
@@ -273,52 +149,74 @@ def _decode(data: bytes, rules: Rules) -> tuple[bytes | None, str | None]:
     return data, None
 
 
-def _examine(opener: _Opener, item: Item, task: Task, path_rules: P.PathRules) -> tuple[Outcome, bytes, bytes]:
-    """(verdict, header, text): header and text are empty unless the file is kept."""
-    rules, rel = task.rules, item.rel
-    reason, detail = path_rules.classify(rel, item.size, item.attrs, item.ignored, item.vendored_dir)
-    if reason:
-        size = opener.size(rel) if item.size is None else item.size
-        return Outcome(rel, size or 0, reason, detail), b"", b""
-    try:
-        fd = opener.open(rel)
-    except OSError as exc:
-        return _unopened(opener, item, rules, exc), b"", b""
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            return Outcome(rel, 0, P.SPECIAL), b"", b""
-        # The size rules, in PathRules.classify's order, for a file the walk did not stat.
-        if st.st_size > rules.max_file_bytes:
-            return Outcome(rel, st.st_size, P.TOO_LARGE), b"", b""
-        if st.st_size == 0:
-            return Outcome(rel, 0, P.EMPTY), b"", b""
+class Planned(NamedTuple):
+    """An item of a batch before reading: decided already, or a file to read."""
+
+    item: Item
+    outcome: Outcome | None  # decided by the walk or by the path rules: nothing to read
+    name: P.NameInfo | None  # a file to read: what its name says
+
+
+def plan(task: Task, items: Sequence[Item], reader: FileReader) -> tuple[list[Planned], list[str], bytes]:
+    """The path rules applied to `items`: each item planned, and the paths to read in order
+    with their probe flags (`FileReader.read`)."""
+    path_rules = _path_rules(task.rules)
+    planned: list[Planned] = []
+    paths: list[str] = []
+    probe = bytearray()
+    for item in items:
+        rel = item.rel
+        if item.skip:
+            planned.append(Planned(item, Outcome(rel, item.size or 0, item.skip, item.detail), None))
+            continue
+        reason, detail = path_rules.classify(rel, item.size, item.attrs, item.ignored, item.vendored_dir)
+        if reason:
+            size = reader.size(rel) if item.size is None else item.size
+            planned.append(Planned(item, Outcome(rel, size or 0, reason, detail), None))
+            continue
         name = P.name_info(rel[rel.rfind("/") + 1:])
-        data = _read_limited(fd, st.st_size, rules.max_file_bytes + 1, probe=not name.text)
-    except OSError as exc:
-        return Outcome(rel, 0, P.UNREADABLE, exc.strerror), b"", b""
-    finally:
-        os.close(fd)
+        planned.append(Planned(item, None, name))
+        paths.append(rel)
+        probe.append(not name.text)
+    return planned, paths, bytes(probe)
+
+
+def _verdict(entry: Planned, read: Read, task: Task, reader: FileReader) -> tuple[Outcome, bytes, bytes]:
+    """(verdict, header, text) of a file read: header and text are empty unless it is kept."""
+    rules, rel = task.rules, entry.item.rel
+    err, kind, size, data, digest = read
+    if kind == OPEN_FAILED:
+        return _unopened(reader, entry.item, rules, err), b"", b""
+    if kind == NOT_REGULAR:
+        return Outcome(rel, 0, P.SPECIAL), b"", b""
+    if kind == READ_FAILED:
+        return Outcome(rel, 0, P.UNREADABLE, os.strerror(err)), b"", b""
+    # The size rules, in PathRules.classify's order, for a file the walk did not stat.
+    if size > rules.max_file_bytes:
+        return Outcome(rel, size, P.TOO_LARGE), b"", b""
+    if size == 0:
+        return Outcome(rel, 0, P.EMPTY), b"", b""
     display = f"{task.label}/{rel}" if task.label else rel
-    return judge(rel, display, data, rules, st.st_size, name.language)
+    return judge(rel, display, data, rules, size, entry.name.language, digest)  # type: ignore[arg-type,union-attr]
 
 
-def _unopened(opener: _Opener, item: Item, rules: Rules, exc: OSError) -> Outcome:
+def _unopened(reader: FileReader, item: Item, rules: Rules, err: int) -> Outcome:
     """A file that cannot be opened. The size rules come first, as when the walk stat-ed it."""
-    size = opener.size(item.rel) if item.size is None else item.size
+    size = reader.size(item.rel) if item.size is None else item.size
     if size is not None and size > rules.max_file_bytes:
         return Outcome(item.rel, size, P.TOO_LARGE)
     if size == 0:
         return Outcome(item.rel, 0, P.EMPTY)
     # ELOOP: the path became a link since the walk saw it.
-    return Outcome(item.rel, 0, P.SYMLINK if exc.errno == errno.ELOOP else P.UNREADABLE, exc.strerror)
+    return Outcome(item.rel, 0, P.SYMLINK if err == errno.ELOOP else P.UNREADABLE, os.strerror(err))
 
 
 def judge(
-    rel: str, display: str, data: bytes, rules: Rules, size: int, language: str | None
+    rel: str, display: str, data: bytes, rules: Rules, size: int, language: str | None,
+    sha256: bytes | None = None,
 ) -> tuple[Outcome, bytes, bytes]:
-    """Decide on one file's bytes (`size` as stat saw it; `language` from its name, if any):
-    skip, or its header and text."""
+    """Decide on one file's bytes (`size` as stat saw it; `language` from its name, if any;
+    `sha256` of `data`, if known already): skip, or its header and text."""
     skip = b"", b""
     if len(data) > rules.max_file_bytes:
         return Outcome(rel, len(data), P.TOO_LARGE, "grew while being read"), *skip
@@ -334,61 +232,162 @@ def judge(
         return Outcome(rel, size, reason), *skip
     if rules.normalize_newlines and b"\r" in text:
         text = text.replace(b"\r\n", b"\n")
-    if longest_line_exceeds(text, rules.max_line_length):
+    if has_long_line(text, rules.max_line_length):
         return Outcome(rel, size, P.MINIFIED, f"a line longer than {rules.max_line_length} bytes"), *skip
     if text.isspace():
         return Outcome(rel, size, P.EMPTY, "whitespace only"), *skip
     head = header_line(display, language) if rules.file_header else b""
     length = len(head) + len(text) + (0 if text.endswith(b"\n") else 1)
-    outcome = Outcome(rel, len(data), None, None, hashlib.sha256(data).digest(), language, length)
+    outcome = Outcome(rel, len(data), None, None, sha256 or hashlib.sha256(data).digest(), language, length)
     return outcome, head, text
 
 
-def examine_batch(task: Task, items: Sequence[Item], budget: int | None = None) -> BatchResult:
-    """Judge `items` (entries under `task.root`) in order. Runs in a worker process, or inline.
+class _PartFile:
+    """A pool worker's part file: the text of its batches, appended, for the builder to copy
+    into the corpus (so the text never travels back through a pipe). A new one is started past
+    PART_BYTES; the builder deletes those it has copied."""
 
-    With a `budget`, stops after the file whose text brings the payload to `budget` bytes
-    (`done` says how many items that was): memory stays bounded when the walk gave no sizes.
-    """
-    opener = _Opener(task.root)
-    path_rules = _path_rules(task.rules)
-    outcomes: list[Outcome] = []
-    parts: list[bytes] = []
-    kept: list[str] = []
-    skipped: list[str] = []
-    beyond_ascii: list[bytes] = []  # the non-ASCII bytes of kept text, counted once at the end
-    by_reason: Counter[str] = Counter()
-    skipped_dirs = payload = 0
-    files_by_language: Counter[str] = Counter()
-    bytes_by_language: Counter[str] = Counter()
-    try:
-        for item in items:
-            if item.skip:
-                outcome, head, text = Outcome(item.rel, item.size or 0, item.skip, item.detail), b"", b""
+    current: _PartFile | None = None  # this process's, for the build writing to `directory`
+
+    def __init__(self, directory: str) -> None:
+        self.directory, self.seq, self.fd, self.size = directory, 0, -1, PART_BYTES
+
+    @classmethod
+    def of(cls, directory: str) -> _PartFile:
+        if cls.current is None or cls.current.directory != directory:
+            if cls.current is not None:
+                os.close(cls.current.fd)
+            cls.current = cls(directory)
+        return cls.current
+
+    def start(self) -> tuple[str, int]:
+        """(path, offset) where the next batch begins; a batch never spans two files."""
+        if self.size >= PART_BYTES:
+            if self.fd >= 0:
+                os.close(self.fd)
+                self.seq += 1
+            self.path = os.path.join(self.directory, f"part-{os.getpid()}-{self.seq}")
+            self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            self.size = 0
+        return self.path, self.size
+
+    def write(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(self.fd, view):]
+        self.size += len(data)
+
+
+class _Payload:
+    """A batch's kept text, counted on the way: held in memory (in-process), or appended to the
+    worker's part file FLUSH_BYTES at a time (in a pool), so a batch never holds more."""
+
+    def __init__(self, parts: str | None) -> None:
+        self.pieces: list[bytes] = []
+        self.length = self._pending = 0
+        self.beyond_ascii: dict[int, Counter[str]] = {}
+        self._file = _PartFile.of(parts) if parts else None
+        self._start = self._file.start() if self._file else ("", 0)
+
+    def add(self, index: int, head: bytes, text: bytes) -> None:
+        """Kept file `index`: its header and text (a newline is added if it lacks one)."""
+        pieces = self.pieces
+        pieces += (head, text) if text.endswith(b"\n") else (head, text, b"\n")
+        if not (head.isascii() and text.isascii()):
+            self.beyond_ascii[index] = non_ascii_counts(head) + non_ascii_counts(text)
+        self._pending += len(head) + len(text) + 1
+        if self._file is not None and self._pending >= FLUSH_BYTES:
+            self._flush()
+
+    def _flush(self) -> bytes:
+        data = b"".join(self.pieces)
+        self.pieces, self.length, self._pending = [], self.length + len(data), 0
+        if self._file is not None:
+            self._file.write(data)
+        return data
+
+    def finish(self) -> tuple[bytes, PartRef | None]:
+        """The text in memory, or b"" and where it was written."""
+        data = self._flush()
+        if self._file is None:
+            return data, None
+        return b"", PartRef(*self._start, self.length)
+
+
+class Judged:
+    """The verdicts of a batch, in order, collected into its BatchResult."""
+
+    def __init__(self, task: Task) -> None:
+        self.task = task
+        self.payload = _Payload(task.parts)
+        self.outcomes: list[Outcome] = []
+        self.kept: list[str] = []
+        self.skipped: list[str] = []
+        self.by_reason: Counter[str] = Counter()
+        self.skipped_dirs = self.length = 0
+        self.files_by_language: Counter[str] = Counter()
+        self.bytes_by_language: Counter[str] = Counter()
+
+    def add(self, outcome: Outcome, head: bytes, text: bytes) -> None:
+        self.outcomes.append(outcome)
+        if outcome.reason is not None:
+            self.by_reason[outcome.reason] += 1
+            self.skipped_dirs += outcome.rel.endswith("/")
+            self.skipped.append(skipped_line(self.task.repo, outcome))
+            return
+        self.payload.add(len(self.outcomes) - 1, head, text)
+        self.kept.append(kept_line(self.task.repo, outcome))
+        language = outcome.language or "other"
+        self.files_by_language[language] += 1
+        self.bytes_by_language[language] += outcome.size
+        self.length += outcome.length
+
+    def take(self, planned: Sequence[Planned], start: int, reads: Sequence[Read], reader: FileReader,
+             *, last: bool = False) -> int:
+        """Judge `planned` from `start` on, with `reads` for its files to read in order, up to
+        the first file with no read left (all of them when `last`); the index reached."""
+        task, i = self.task, 0
+        for at in range(start, len(planned)):
+            entry = planned[at]
+            if entry.outcome is not None:
+                self.add(entry.outcome, b"", b"")
+            elif i < len(reads):
+                self.add(*_verdict(entry, reads[i], task, reader))
+                i += 1
             else:
-                outcome, head, text = _examine(opener, item, task, path_rules)
-            outcomes.append(outcome)
-            if outcome.reason is not None:
-                by_reason[outcome.reason] += 1
-                skipped_dirs += outcome.rel.endswith("/")
-                skipped.append(skipped_line(task.repo, outcome))
-                continue
-            parts += (head, text) if text.endswith(b"\n") else (head, text, b"\n")
-            kept.append(kept_line(task.repo, outcome))
-            language = outcome.language or "other"
-            files_by_language[language] += 1
-            bytes_by_language[language] += outcome.size
-            for piece in (head, text):
-                if not piece.isascii():
-                    beyond_ascii.append(piece.translate(None, _ASCII))
-            payload += outcome.length
-            if budget is not None and payload >= budget:
-                break
+                assert not last, "a file to read has no reading"
+                return at
+        return len(planned)
+
+    def result(self) -> BatchResult:
+        data, part = self.payload.finish()
+        return BatchResult(
+            self.outcomes, data, part, self.kept, self.skipped, self.payload.beyond_ascii, self.by_reason,
+            self.skipped_dirs, self.files_by_language, self.bytes_by_language,
+            sum(self.bytes_by_language.values()),
+        )
+
+
+def read_slices(reader: FileReader, paths: list[str], probe: bytes, max_file_bytes: int) -> Iterator[list[Read]]:
+    """All of `paths` read, READ_BYTES of data (or one file) at a time."""
+    done = 0
+    while done < len(paths):
+        reads = reader.read(paths[done:], probe[done:], max_file_bytes, READ_BYTES)
+        done += len(reads)
+        yield reads
+
+
+def examine_batch(task: Task, items: Sequence[Item]) -> BatchResult:
+    """Judge `items` (entries under `task.root`) in order: what a pool worker runs. With
+    `task.parts`, the text goes to this process's part file there, FLUSH_BYTES at a time,
+    instead of into the result."""
+    reader = FileReader(task.root)
+    try:
+        planned, paths, probe = plan(task, items, reader)
+        judged, at = Judged(task), 0
+        for reads in read_slices(reader, paths, probe, task.rules.max_file_bytes):
+            at = judged.take(planned, at, reads, reader)
+        judged.take(planned, at, [], reader, last=True)
+        return judged.result()
     finally:
-        opener.close()
-    joined = b"".join(parts)
-    other = Counter(b"".join(beyond_ascii).decode("utf-8")) if beyond_ascii else {}
-    return BatchResult(
-        outcomes, joined, kept, skipped, dict(other), by_reason, skipped_dirs, files_by_language,
-        bytes_by_language, sum(bytes_by_language.values()), len(outcomes),
-    )
+        reader.close()

@@ -58,9 +58,17 @@ class ManifestWriter:
         self._skipped.write(skipped_lines)
 
     def write(self, out: IO[bytes], head: dict[str, Any]) -> None:
-        """`head` (everything but the file lists) followed by "files" and "skipped"."""
-        body = json.dumps(head, ensure_ascii=False, indent=1)
+        """`head` (everything but the file lists) followed by "files" and "skipped".
+
+        Lists of pairs in `head` ("vocab": thousands of them) are written one pair per line by
+        json's C encoder: with `indent`, json.dumps runs its Python encoder over every item.
+        """
+        pairs = {k: v for k, v in head.items() if isinstance(v, list) and v and isinstance(v[0], (list, tuple))}
+        body = json.dumps({k: v for k, v in head.items() if k not in pairs}, ensure_ascii=False, indent=1)
         out.write(body[:-2].encode("utf-8"))  # drop the closing "\n}" to append the lists
+        for name, items in pairs.items():
+            lines = ",\n  ".join(json.dumps(item, ensure_ascii=False) for item in items)
+            out.write(f',\n "{name}": [\n  {lines}\n ]'.encode())
         for name, fh in (("files", self._kept), ("skipped", self._skipped)):
             out.write(f',\n "{name}": [\n'.encode())
             fh.flush()

@@ -87,13 +87,16 @@ class Runner:
         started = getattr(self._pool, "_processes", None)
         return started is None or len(started) < self.jobs
 
-    def submit(self, task: Task, items: list[Item]) -> Future[BatchResult]:
+    def inline(self, items: list[Item]) -> bool:
+        """Whether to examine `items` in-process: with one job, while a tree is small (the
+        first INLINE_FILES files), and when there is nothing to read (all decided by the walk)."""
         real = sum(1 for item in items if not item.skip)
         if not real or (self._pool is None and (self.jobs <= 1 or self._inline_left > 0)):
             self._inline_left -= real
-            future: Future[BatchResult] = Future()
-            future.set_result(examine_batch(task, items))
-            return future
+            return True
+        return False
+
+    def submit(self, task: Task, items: list[Item]) -> Future[BatchResult]:
         if not self._may_start_worker():
             return self._pool.submit(examine_batch, task, items)  # type: ignore[union-attr]
         with _import_safe_main():

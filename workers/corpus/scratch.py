@@ -19,6 +19,7 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import IO
 
 from schemas.errors import CorpusError, InvalidSpec, StorageError
 
@@ -132,6 +133,23 @@ def temp_outputs(*dests: Path) -> Iterator[list[Path]]:
     finally:
         for temp in temps:
             temp.unlink(missing_ok=True)
+
+
+def open_output(path: Path) -> IO[bytes]:
+    """`path` opened for writing from its start, made if missing, emptied if it holds anything.
+
+    Never truncated when it is empty already (the temporary outputs are made empty): on ext4 a
+    file truncated to nothing is flushed to disk when closed (auto_da_alloc), which cost 0.1 s
+    per 200 MB of corpus here.
+    """
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        if os.fstat(fd).st_size:
+            os.ftruncate(fd, 0)
+        return os.fdopen(fd, "wb")
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 def publish(temp: Path, dest: Path) -> None:

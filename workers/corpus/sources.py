@@ -161,7 +161,7 @@ def _scope_of(path: str, names: set[str], scope: _Scope, rules: P.PathRules) -> 
 
 
 def _entries(
-    path: str, rel: str, scope: _Scope, rules: P.PathRules, marks: Mapping[str, str], sizes: bool
+    path: str, rel: str, scope: _Scope, rules: P.PathRules, marks: Mapping[str, str]
 ) -> Iterator[Item | _Descend]:
     try:
         with os.scandir(path) as it:
@@ -197,9 +197,8 @@ def _entries(
                 if marks[child] != P.OUTPUT:  # our own corpus/manifest being written: left out
                     yield _skipped(child, marks[child])
                 continue
-            # A pool sizes its batches by the files' sizes; in-process, fstat gives them later.
-            size = entry.stat(follow_symlinks=False).st_size if sizes else None
-            yield Item(child, size, None, False, None, None, scope.vendored, scope.attr, scope.ignore)
+            # No stat here: the fstat of the open file gives its size.
+            yield Item(child, None, None, False, None, None, scope.vendored, scope.attr, scope.ignore)
         else:
             yield _skipped(child, P.SPECIAL)
 
@@ -242,21 +241,20 @@ def walk(
     *,
     marks: Mapping[str, str] | None = None,
     attrs_above: bool = False,
-    sizes: bool = True,
 ) -> Iterator[Item]:
     """Every entry under `root` in sorted full-path order: regular files to read, and links,
     special files and skipped directories with their `skip` reason.
 
-    `sizes`: lstat each regular file for its size (else `Item.size` is None).
+    Regular files are not stat-ed (`Item.size` is None): the fstat of the open file tells.
     An explicit stack instead of recursion: a hostile tree may nest deeper than Python's limit.
     """
     marks = marks or {}
-    stack = [_entries(str(root), "", _Scope(attr=attrs_above), rules, marks, sizes)]
+    stack = [_entries(str(root), "", _Scope(attr=attrs_above), rules, marks)]
     while stack:
         item = next(stack[-1], None)
         if item is None:
             stack.pop()
         elif type(item) is _Descend:
-            stack.append(_entries(item.path, item.rel, item.scope, rules, marks, sizes))
+            stack.append(_entries(item.path, item.rel, item.scope, rules, marks))
         else:
             yield item

@@ -25,7 +25,7 @@ from workers import keys
 from workers.corpus import paths as P
 from workers.corpus.builder import BuildStats, CorpusBuilder, SourceTree
 from workers.corpus.manifest import FORMAT_VERSION, ManifestWriter
-from workers.corpus.scratch import publish, temp_outputs
+from workers.corpus.scratch import open_output, publish, temp_outputs
 from workers.corpus.scratch import scratch_dir as _scratch_dir
 from workers.corpus.sources import GitView
 from workers.fetch import checkout, resolve_repos
@@ -135,8 +135,9 @@ def _build(
     """
     trees = prepare_trees(repos, scratch, reporter, outputs)
     with ManifestWriter(scratch / "manifest-parts") as manifest:
-        with open(text_path, "wb") if text_path else nullcontext(_Discard()) as sink:
-            stats = CorpusBuilder(config, sink, manifest, reporter, jobs=jobs).build(trees)  # type: ignore[arg-type]
+        with open_output(text_path) if text_path else nullcontext(_Discard()) as sink:
+            stats = CorpusBuilder(config, sink, manifest, reporter, jobs=jobs,
+                                  parts=scratch / "text-parts").build(trees)  # type: ignore[arg-type]
         yield stats, manifest
 
 
@@ -190,7 +191,7 @@ def run_corpus_stage(
             text = storage.put_file(keys.corpus_text(key), text_path)
             reporter.artifact("corpus", text.key, text.size, text.sha256, files=stats.files,
                               vocab_size=len(stats.vocab()))
-            with open(manifest_path, "wb") as out:
+            with open_output(manifest_path) as out:
                 manifest.write(out, _head(key, fetch.repos, config, stats, text.key))
         info = storage.put_file(keys.corpus_manifest(key), manifest_path)  # last: marks it complete
         reporter.artifact("manifest", info.key, info.size, info.sha256)
@@ -225,7 +226,7 @@ def build_corpus_file(
             with _build(resolved, config, tmp_text, scratch, reporter, jobs, outputs) as (stats, manifest):
                 key = corpus_hash(resolved, config, text_sha256=stats.text_sha256)
                 head = _head(key, resolved, config, stats, None)
-                with open(tmp_manifest, "wb") as fh:
+                with open_output(tmp_manifest) as fh:
                     manifest.write(fh, head)
         except OSError as exc:  # the disk filled up, a directory went away meanwhile, ...
             raise StorageError(f"corpus build failed: {exc.strerror or exc} ({exc.filename or out})") from None

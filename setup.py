@@ -1,0 +1,12 @@
+"""The one thing pyproject.toml cannot declare (yet, except as an experiment): the optional C
+extension `workers.corpus._native`. `optional=True`: without a C compiler the install goes on,
+and the corpus builder uses the pure-Python scans of workers/corpus/textscan.py instead."""
+
+from setuptools import Extension, setup
+
+setup(
+    ext_modules=[
+        Extension("workers.corpus._native", ["workers/corpus/_native.c"], optional=True,
+                  extra_compile_args=["-O2"]),
+    ],
+)

@@ -1,0 +1,193 @@
+"""The threads and files that move the builder's bytes, so that its own thread only judges.
+
+- `Writer`: the corpus file, written (and hashed, and its bytes counted) on a thread of its own;
+  it also copies the text of pool batches from the workers' part files.
+- `Parts`: the builder's side of those part files (content._PartFile is the workers' side).
+- `ReadAhead`: the next files read on a thread of its own while the builder judges the last.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import IO, Any
+
+from schemas.errors import CorpusError
+from workers.corpus.content import read_slices
+from workers.corpus.reading import FileReader, Read
+from workers.corpus.textscan import count_bytes, new_counts
+from workers.storage import HashingWriter
+
+READ_AHEAD = 4  # slices of files read (about content.READ_BYTES each) waiting to be judged
+COPY_BYTES = 1024 * 1024  # read from a part file at a time (into one buffer, reused)
+QUEUED_WRITES = 16  # texts (a batch's, about a MiB in-process) or copies waiting for the writer
+
+
+class Writer:
+    """Writes the corpus on a thread of its own, hashing it on the way.
+
+    It writes text handed to it (in-process batches) and copies ranges of the workers' part
+    files (read into one buffer it reuses). Reading, sha256 and writing all run without the
+    GIL, so on a second core they overlap the walk and the judging of the next files. At most
+    QUEUED_WRITES items wait. An error stops the writing and is raised in the builder's thread,
+    by the next call or by `close`. (Measured: moving the duplicate check and the files' own
+    sha256 here too was slower; their Python work then competes for the GIL.)
+    """
+
+    def __init__(self, out: IO[bytes]) -> None:
+        self._out = HashingWriter(out)
+        self.counts = new_counts()  # of each byte value written
+        self._queue: queue.Queue[bytes | memoryview | tuple[int, int, int] | Callable[[], None] | None]
+        self._queue = queue.Queue(QUEUED_WRITES)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="corpus-writer", daemon=True)
+        self._thread.start()
+
+    def _put(self, item: bytes | memoryview | tuple[int, int, int] | Callable[[], None]) -> None:
+        if self._error is not None:
+            raise self._error
+        self._queue.put(item)
+
+    def write(self, text: bytes | memoryview) -> None:
+        if text:
+            self._put(text)
+
+    def copy(self, fd: int, offset: int, length: int) -> None:
+        """`length` bytes of the open file `fd` from `offset` on."""
+        if length:
+            self._put((fd, offset, length))
+
+    def then(self, action: Callable[[], None]) -> None:
+        """Run `action` on the writer's thread once everything queued before it is written."""
+        self._put(action)
+
+    def _run(self) -> None:
+        buffer = memoryview(bytearray(COPY_BYTES))
+        while (item := self._queue.get()) is not None:
+            if self._error is None:  # after an error, only drain: a waiting `write` never blocks
+                try:
+                    if type(item) is tuple:
+                        self._copy(buffer, *item)
+                    elif callable(item):
+                        item()
+                    else:
+                        self._write(item)  # type: ignore[arg-type]
+                except BaseException as exc:  # noqa: BLE001 - raised again in the builder's thread
+                    self._error = exc
+
+    def _copy(self, buffer: memoryview, fd: int, offset: int, length: int) -> None:
+        end = offset + length
+        while offset < end:
+            got = os.preadv(fd, [buffer[:min(COPY_BYTES, end - offset)]], offset)
+            if got == 0:
+                raise CorpusError(f"a part file ended {end - offset} bytes early")
+            self._write(buffer[:got])
+            offset += got
+
+    def _write(self, text: bytes | memoryview) -> None:
+        self._out.write(text)
+        count_bytes(text, self.counts)
+
+    def close(self, *, check: bool = True) -> str:
+        """Wait until everything queued is written; the sha256 of all of it. `check=False`: the
+        build failed already, and its error is the one to raise."""
+        self._queue.put(None)
+        self._thread.join()
+        if check and self._error is not None:
+            raise self._error
+        return self._out.sha256
+
+
+class Parts:
+    """The builder's side of the workers' part files: open ones, and which each worker is on.
+
+    A worker appends to one part file at a time and starts a new one past PART_BYTES; batches
+    are consumed in the order they were submitted, so once a worker's batch names its next file,
+    every batch in its previous one has been handed to the writer, which deletes that file once
+    it has copied them.
+    """
+
+    def __init__(self, directory: Path, writer: Writer) -> None:
+        self.directory = directory
+        self._writer = writer
+        self._fds: dict[str, int] = {}
+        self._current: dict[str, str] = {}  # worker ("part-<pid>") -> its part file
+
+    def fd(self, path: str) -> int:
+        if path not in self._fds:
+            if not Path(path).parent.samefile(self.directory):
+                raise CorpusError(f"a part file outside the build's directory: {path}")
+            worker = os.path.basename(path).rpartition("-")[0]
+            previous = self._current.get(worker)
+            if previous is not None:
+                fd = self._fds.pop(previous)
+                self._writer.then(lambda: _drop(fd, previous))
+            self._current[worker] = path
+            self._fds[path] = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        return self._fds[path]
+
+    def close(self) -> None:
+        """Once the writer is done: close and delete the part files still open."""
+        while self._fds:
+            _drop(*reversed(self._fds.popitem()))
+
+
+def _drop(fd: int, path: str) -> None:
+    os.close(fd)
+    os.unlink(path)
+
+
+class ReadAhead:
+    """Reads the files of planned chunks on a thread of its own, in order, a slice of about
+    READ_BYTES at a time, while the builder's thread judges the slices before.
+
+    Only with the C reader (`FileReader.native`): it holds no GIL while it reads, so the two
+    threads really run at once (Python's `os.read` calls would take turns with the judging for
+    the GIL). At most READ_AHEAD slices wait. An error is raised where the slices are taken.
+    """
+
+    _END = object()
+
+    def __init__(self, reader: FileReader, max_file_bytes: int) -> None:
+        self._reader, self._max = reader, max_file_bytes
+        self._jobs: queue.Queue[tuple[list[str], bytes] | None] = queue.Queue()
+        self._out: queue.Queue[Any] = queue.Queue(READ_AHEAD)
+        self._stop = False
+        self._thread = threading.Thread(target=self._run, name="corpus-reader", daemon=True)
+        self._thread.start()
+
+    def submit(self, paths: list[str], probe: bytes) -> None:
+        self._jobs.put((paths, probe))
+
+    def slices(self) -> Iterator[list[Read]]:
+        """The readings of the oldest chunk submitted and not taken yet (or its error)."""
+        while (item := self._out.get()) is not self._END:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+
+    def _run(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            try:
+                for reads in read_slices(self._reader, *job, self._max):
+                    if self._stop:
+                        break
+                    self._out.put(reads)
+            except BaseException as exc:  # noqa: BLE001 - raised again in the builder's thread
+                self._out.put(exc)  # ends this chunk's slices
+                continue
+            self._out.put(self._END)
+
+    def close(self) -> None:
+        """Stop reading and wait for the thread (also when the build stopped half-way)."""
+        self._stop = True
+        self._jobs.put(None)
+        while self._thread.is_alive():
+            try:
+                self._out.get(timeout=0.05)  # a reading waiting for room goes on, and ends
+            except queue.Empty:
+                pass
+        self._thread.join()
