@@ -255,7 +255,7 @@ class _PartFile:
     @classmethod
     def of(cls, directory: str) -> _PartFile:
         if cls.current is None or cls.current.directory != directory:
-            if cls.current is not None:
+            if cls.current is not None and cls.current.fd >= 0:
                 os.close(cls.current.fd)
             cls.current = cls(directory)
         return cls.current
@@ -279,8 +279,9 @@ class _PartFile:
 
 
 class _Payload:
-    """A batch's kept text, counted on the way: held in memory (in-process), or appended to the
-    worker's part file FLUSH_BYTES at a time (in a pool), so a batch never holds more."""
+    """A batch's kept text (and each file's characters past U+007F, counted): held in memory
+    (in-process), or appended to the worker's part file FLUSH_BYTES at a time (in a pool), so
+    a batch never holds more."""
 
     def __init__(self, parts: str | None) -> None:
         self.pieces: list[bytes] = []

@@ -27,11 +27,11 @@ QUEUED_WRITES = 16  # texts (a batch's, about a MiB in-process) or copies waitin
 
 
 class Writer:
-    """Writes the corpus on a thread of its own, hashing it on the way.
+    """Writes the corpus on a thread of its own, hashing it and counting its bytes on the way.
 
     It writes text handed to it (in-process batches) and copies ranges of the workers' part
-    files (read into one buffer it reuses). Reading, sha256 and writing all run without the
-    GIL, so on a second core they overlap the walk and the judging of the next files. At most
+    files (read into one buffer it reuses). Reading, sha256, the byte counts (C) and writing
+    run without the GIL, so on a second core they overlap the walk and the judging. At most
     QUEUED_WRITES items wait. An error stops the writing and is raised in the builder's thread,
     by the next call or by `close`. (Measured: moving the duplicate check and the files' own
     sha256 here too was slower; their Python work then competes for the GIL.)
