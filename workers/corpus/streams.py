@@ -23,7 +23,7 @@ from workers.storage import HashingWriter
 
 READ_AHEAD = 4  # slices of files read (about content.READ_BYTES each) waiting to be judged
 COPY_BYTES = 1024 * 1024  # read from a part file at a time (into one buffer, reused)
-QUEUED_WRITES = 16  # texts (a batch's, about a MiB in-process) or copies waiting for the writer
+QUEUED_WRITES = 4  # texts (a batch's, about a MiB in-process) or copies waiting for the writer
 
 
 class Writer:
