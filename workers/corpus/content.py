@@ -5,7 +5,7 @@ A batch goes `plan` (the path rules: what needs no reading) -> `FileReader.read`
 files at a time) -> `Judged.take` (each file's verdict, its header and text, its manifest
 record). `examine_batch` does all three, as a top-level function over picklable arguments so a
 process pool can run it; the builder also runs the reading on a thread of its own while it
-judges (`builder._ReadAhead`).
+judges (`streams.ReadAhead`).
 
 Everything here runs once per file, tens of thousands of times a build: the walk does not stat
 files (the `fstat` of the open file gives their size), a file whose name says text is read with

@@ -129,30 +129,6 @@ class _Opener:
         os.close(self.root_fd)
 
 
-def _read_limited(fd: int, size: int, limit: int, *, probe: bool) -> bytes:
-    """At most `limit` bytes of a file `fstat` gave `size`: one that grows while we read (or
-    never ends) stops there.
-
-    The first read asks for the whole file plus one byte (which shows that it grew), or, with
-    `probe` (a name that does not say text), for PROBE_BYTES: a NUL byte in those marks the file
-    binary (as git decides), and the rest of it is never read. A read that returns less than it
-    asked for is the end of the file.
-    """
-    ask = min(size + 1, limit, PROBE_BYTES if probe else limit)
-    first = os.read(fd, ask)
-    if len(first) < ask or (probe and b"\0" in first):  # all of it, or binary
-        return first
-    chunks, got = [first], len(first)
-    while got < limit:
-        ask = min(limit - got, max(size + 1 - got, 65536))
-        chunk = os.read(fd, ask)
-        chunks.append(chunk)
-        got += len(chunk)
-        if len(chunk) < ask:
-            break
-    return b"".join(chunks)
-
-
 def read_limited(fd: int, size: int, limit: int, *, probe: bool) -> bytes:
     """At most `limit` bytes of a file `fstat` gave `size`: one that grows while we read (or
     never ends) stops there.
