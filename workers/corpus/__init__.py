@@ -1,11 +1,14 @@
 """The corpus builder: one clean, deterministic text from one or more repositories.
 
 Modules, in the order data flows: `sources` (a link-proof sorted walk, and what git says about
-paths), `paths` (decisions from a path alone), `content` (decisions from the bytes, run on every
-core), `layout` (how files follow each other in the text: headers), `builder` (the ordered,
-bounded-memory pipeline), `pool` (the worker processes, where they pay), `manifest` (the record
-of it all), `scratch` (temporary files a killed build cannot leak) and `stage` (the pipeline
-stages and the CLI's build/inspect). See docs/corpus.md.
+paths), `paths` (decisions from a path alone), `reading` (files opened beneath the root, links
+refused by the kernel), `content` (decisions from the bytes, run on every core), `layout` (how
+files follow each other in the text: headers), `builder` (the ordered, bounded-memory pipeline),
+`streams` (its reader and writer threads, and the workers' part files), `pool` (the worker
+processes, where they pay), `manifest` (the record of it all), `scratch` (temporary files a
+killed build cannot leak) and `stage` (the pipeline stages and the CLI's build/inspect).
+`_native.c` is the optional C extension behind `reading` and `textscan` (byte counts, the
+long-line check). See docs/corpus.md.
 
 Names are imported lazily: worker processes import `workers.corpus.content` only, and should not
 pay for storage, git and pydantic models they never use.
