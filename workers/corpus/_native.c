@@ -13,8 +13,11 @@
 #include <sys/stat.h>
 #include <sys/syscall.h>
 #include <unistd.h>
-#ifdef __linux__
-#include <linux/openat2.h>
+#if defined(__linux__) && defined(__has_include)
+#if __has_include(<linux/openat2.h>)
+#include <linux/openat2.h> /* Linux 5.6+ headers; without them, one directory at a time */
+#define HAVE_OPENAT2 1
+#endif
 #endif
 
 #define GIL_FREE_BYTES 65536 /* below this, releasing the GIL costs more than it lets run */
@@ -186,7 +189,7 @@ static int open_walking(int root, const char *path)
 
 static int open_beneath(int root, const char *path, int walk)
 {
-#if defined(__linux__) && defined(SYS_openat2)
+#if defined(HAVE_OPENAT2) && defined(SYS_openat2)
     if (!no_openat2 && !walk) {
         struct open_how how;
         memset(&how, 0, sizeof how);
