@@ -14,6 +14,7 @@ regular file (a FIFO or device swapped in cannot block or feed forever).
 from __future__ import annotations
 
 import errno
+import hashlib  # noqa: F401 - loads the libcrypto whose sha256 the C reader borrows (RTLD_NOLOAD)
 import os
 import stat
 from typing import NamedTuple
