@@ -41,13 +41,12 @@ from workers.corpus.content import (
     Rules,
     Task,
     plan,
-    read_slices,
 )
 from workers.corpus.manifest import ManifestWriter, skipped_line
 from workers.corpus.pool import INLINE_FILES, Runner, default_jobs
 from workers.corpus.reading import FileReader, Read
 from workers.corpus.sources import GitView, walk
-from workers.corpus.streams import Parts, ReadAhead, Writer
+from workers.corpus.streams import Parts, ReadAhead, ReadInline, Writer
 from workers.progress import Reporter
 
 CHUNK_ENTRIES = 2048  # paths per `git check-attr` call
@@ -242,31 +241,26 @@ class CorpusBuilder:
         pooled = replace(task, parts=str(self.parts.directory)) if self.parts else task
         entries = walk(tree.root, self.rules, marks=tree.marks, attrs_above=tree.attrs_above)
         reader = FileReader(str(tree.root))
-        ahead = ReadAhead(reader, self.config.max_file_bytes) if reader.native else None
-        waiting: deque[list[Planned]] = deque()  # chunks whose files `ahead` reads, in order
+        ahead = (ReadAhead if reader.native else ReadInline)(reader, self.config.max_file_bytes)
+        waiting: deque[list[Planned]] = deque()  # planned chunks whose files `ahead` reads, in order
         try:
             for chunk in _chunks(entries, CHUNK_ENTRIES):
                 chunk = _annotate(tree.git, chunk)
                 if not self.runner.inline(chunk):  # a worker's text goes to its part file: any size
                     while waiting:
-                        yield from self._judge(task, waiting.popleft(), ahead.slices(), reader)  # type: ignore[union-attr]
+                        yield from self._judge(task, waiting.popleft(), ahead.slices(), reader)
                     for items in _chunks(chunk, BATCH_FILES):
                         yield _Batch(index, self.runner.submit(pooled, items))
                     continue
                 planned, paths, probe = plan(task, chunk, reader)
-                if ahead is None:
-                    yield from self._judge(task, planned, read_slices(reader, paths, probe, task.rules.max_file_bytes),
-                                           reader)
-                    continue
                 ahead.submit(paths, probe)  # read while the chunk before is judged
                 waiting.append(planned)
                 if len(waiting) > 1:
                     yield from self._judge(task, waiting.popleft(), ahead.slices(), reader)
             while waiting:
-                yield from self._judge(task, waiting.popleft(), ahead.slices(), reader)  # type: ignore[union-attr]
+                yield from self._judge(task, waiting.popleft(), ahead.slices(), reader)
         finally:
-            if ahead is not None:
-                ahead.close()
+            ahead.close()
             reader.close()
 
     @staticmethod

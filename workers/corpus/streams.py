@@ -3,7 +3,8 @@
 - `Writer`: the corpus file, written (and hashed, and its bytes counted) on a thread of its own;
   it also copies the text of pool batches from the workers' part files.
 - `Parts`: the builder's side of those part files (content._PartFile is the workers' side).
-- `ReadAhead`: the next files read on a thread of its own while the builder judges the last.
+- `ReadAhead`: the next files read on a thread of its own while the builder judges the last
+  (`ReadInline`: the same, read in the builder's thread, without the C reader).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import os
 import queue
 import threading
+from collections import deque
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
@@ -191,3 +193,21 @@ class ReadAhead:
             except queue.Empty:
                 pass
         self._thread.join()
+
+
+class ReadInline:
+    """`ReadAhead` without a thread, for the pure-Python reader (its `os.read` calls would take
+    turns with the judging for the GIL): a chunk's files are read as its slices are taken."""
+
+    def __init__(self, reader: FileReader, max_file_bytes: int) -> None:
+        self._reader, self._max = reader, max_file_bytes
+        self._jobs: deque[tuple[list[str], bytes]] = deque()
+
+    def submit(self, paths: list[str], probe: bytes) -> None:
+        self._jobs.append((paths, probe))
+
+    def slices(self) -> Iterator[list[Read]]:
+        return read_slices(self._reader, *self._jobs.popleft(), self._max)
+
+    def close(self) -> None:
+        self._jobs.clear()
