@@ -11,6 +11,7 @@ from orchestrator.cli import app
 from orchestrator.cli.corpus import parse_size
 from schemas.errors import InvalidSpec
 from tests.gitserver import hostile_files, source_files
+from workers.corpus import scratch
 
 runner = CliRunner()
 
@@ -139,3 +140,25 @@ def test_manifest_in_a_new_directory(tmp_path):
     assert result.exit_code == 0, result.output
     assert out.read_text() == "# a.py\na = 1\n"
     assert json.loads(manifest.read_text())["files"][0]["path"] == "a.py"
+
+
+@pytest.mark.parametrize("exchange", [True, False], ids=["renameat2-exchange", "os-replace"])
+def test_a_rebuild_replaces_the_old_outputs_and_leaves_no_temporaries(tmp_path, monkeypatch, exchange):
+    """Over existing outputs the new files are exchanged with the old ones, which are then
+    deleted (ext4 flushes a file renamed over another at once); without renameat2, os.replace."""
+    calls = []
+    if exchange:
+        real = scratch._exchange
+        monkeypatch.setattr(scratch, "_exchange", lambda a, b: calls.append(real(a, b)) or calls[-1])
+    else:
+        monkeypatch.setattr(scratch, "_renameat2", lambda: None)
+    folder, out, manifest = _plain(tmp_path), tmp_path / "c.txt", tmp_path / "c.txt.manifest.json"
+    out.write_text("old corpus\n")
+    manifest.write_text("{}")
+    old_inode = out.stat().st_ino
+    result = _build(folder, "--out", out)
+    assert result.exit_code == 0, result.output
+    assert out.read_text() == "# a.py\na = 1\n" and out.stat().st_ino != old_inode
+    assert json.loads(manifest.read_text())["files"][0]["path"] == "a.py"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.txt", "c.txt.manifest.json", "src"]
+    assert calls == ([True, True] if exchange else [])
