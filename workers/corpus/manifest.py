@@ -9,6 +9,7 @@ vocab, files, skipped.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from json.encoder import encode_basestring  # the C string escaper behind json.dumps
 from pathlib import Path
 from typing import IO, Any, Self
@@ -40,6 +41,17 @@ def skipped_line(repo: int, outcome: Any) -> str:
             f'"bytes":{outcome.size}{extra}}}\n')
 
 
+_encode = json.JSONEncoder(ensure_ascii=False).encode  # one encoder: json.dumps makes one per call
+
+
+def _pair_json(item: Sequence[Any]) -> str:
+    """`item` as json.dumps(item, ensure_ascii=False) writes it; a (character, count) pair of the
+    vocabulary by hand (ten times faster)."""
+    if len(item) == 2 and type(item[0]) is str and type(item[1]) is int:
+        return f"[{encode_basestring(item[0])}, {item[1]}]"
+    return _encode(item)
+
+
 class ManifestWriter:
     """Collects kept/skipped records on disk; `write` emits the manifest JSON.
 
@@ -60,14 +72,14 @@ class ManifestWriter:
     def write(self, out: IO[bytes], head: dict[str, Any]) -> None:
         """`head` (everything but the file lists) followed by "files" and "skipped".
 
-        Lists of pairs in `head` ("vocab": thousands of them) are written one pair per line by
-        json's C encoder: with `indent`, json.dumps runs its Python encoder over every item.
+        Lists of pairs in `head` ("vocab": thousands of them) are written one pair per line, not
+        by json.dumps with `indent` (its Python encoder, item by item).
         """
         pairs = {k: v for k, v in head.items() if isinstance(v, list) and v and isinstance(v[0], (list, tuple))}
         body = json.dumps({k: v for k, v in head.items() if k not in pairs}, ensure_ascii=False, indent=1)
         out.write(body[:-2].encode("utf-8"))  # drop the closing "\n}" to append the lists
         for name, items in pairs.items():
-            lines = ",\n  ".join(json.dumps(item, ensure_ascii=False) for item in items)
+            lines = ",\n  ".join(map(_pair_json, items))
             out.write(f',\n "{name}": [\n  {lines}\n ]'.encode())
         for name, fh in (("files", self._kept), ("skipped", self._skipped)):
             out.write(f',\n "{name}": [\n'.encode())
