@@ -29,9 +29,28 @@ from schemas.errors import CorpusError
 from tests.gitserver import Symlink, hostile_files, write_files
 from workers.corpus import build_corpus_file, content
 from workers.corpus.content import Item, Rules, Task, examine_batch
-from workers.corpus.reading import NOT_REGULAR, OPEN_FAILED, PROBE_BYTES, REGULAR, FileReader
+from workers.corpus.reading import (
+    NOT_REGULAR,
+    OPEN_FAILED,
+    PROBE_BYTES,
+    REGULAR,
+    FileReader,
+)
 from workers.corpus.streams import Parts, ReadAhead, Writer
-from workers.corpus.textscan import native_module, new_counts, py_count_bytes, py_has_long_line
+from workers.corpus.textscan import (
+    ASCII,
+    BOM,
+    CR,
+    LONG,
+    NUL,
+    SPACE,
+    UTF8,
+    native_module,
+    new_counts,
+    py_count_bytes,
+    py_has_long_line,
+    py_text_flags,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -86,6 +105,63 @@ def test_has_long_line_on_random_text(native):
             max((len(line) for line in text.split(b"\n")), default=0) > limit)
 
 
+@pytest.mark.parametrize(("text", "flags"), [
+    (b"", ASCII | UTF8), (b"abc\n", ASCII | UTF8), (b"a\0b", NUL | ASCII | UTF8),
+    (b" \t\n\x0b\x0c\r", ASCII | UTF8 | SPACE | CR), (b"\xef\xbb\xbfx = 1\n", UTF8 | BOM),
+    ("héllo\r\n".encode(), UTF8 | CR), (b"x" * 11, ASCII | UTF8 | LONG), ("ü😀".encode(), UTF8),
+    (b"\xff", 0), (b"\xc3", 0), (b"\xc0\xaf", 0), (b"\xe0\x80\x80", 0),  # cut short, overlong
+    (b"\xed\xa0\x80", 0), (b"\xf4\x90\x80\x80", 0), (b"\xf8\x88\x80\x80\x80", 0),  # surrogate, past U+10FFFF
+    ("\U0010ffff\ud7ff\ue000".encode(), UTF8), (b"abcdefgh\x80", 0), (b"abcdefg\xc3\xa9z", UTF8),
+])
+def test_text_flags_match_python(native, text, flags):
+    beyond = bytes(b for b in text if b > 127) if flags & (ASCII | UTF8) == UTF8 else None
+    assert native.text_flags(text, 10) == py_text_flags(text, 10) == (flags, beyond)
+    assert native.text_flags(memoryview(text), -1)[0] == flags & ~LONG  # a negative limit: no check
+
+
+def test_text_flags_on_random_bytes(native):
+    rng = random.Random(11)
+    alphabet = [b"a", b" ", b"\n", b"\r", b"\t", b"\0", "é".encode(), "€".encode(), "😀".encode(), b"\xff",
+                b"\xc3", b"\xed\xa0\x80", b"\xef\xbb\xbf", b"x" * 9]
+    for _ in range(2000):
+        text = b"".join(rng.choice(alphabet) for _ in range(rng.randrange(0, 12)))
+        limit = rng.randrange(-1, 12)
+        assert native.text_flags(text, limit) == py_text_flags(text, limit), (text, limit)
+
+
+def test_sink_hashes_counts_and_writes_pieces_in_order(native, tmp_path):
+    """More pieces than one writev takes (512), empty ones, memoryviews and bytearrays."""
+    pieces = [b"ab", memoryview(b"xcdx")[1:3], b"", bytearray("é\n".encode())] + [b"z%d" % i for i in range(1500)]
+    expected = b"".join(pieces) + b"tail"
+    counts, quiet_counts = new_counts(), new_counts()
+    with open(tmp_path / "out", "wb") as fh:
+        sink, quiet = native.Sink(fh.fileno()), native.Sink(-1)  # -1: hashed and counted, not written
+        for s, c in ((sink, counts), (quiet, quiet_counts)):
+            s.write(pieces, c)
+            s.write([b"tail"], c)
+    assert (tmp_path / "out").read_bytes() == expected
+    assert sink.hexdigest() == quiet.hexdigest() == hashlib.sha256(expected).hexdigest()
+    assert sink.size == quiet.size == len(expected)
+    assert counts == quiet_counts and {b: n for b, n in enumerate(counts) if n} == dict(Counter(expected))
+    assert native.Sink(-1).hexdigest() == hashlib.sha256(b"").hexdigest()
+
+
+def test_sink_errors(native, tmp_path):
+    (tmp_path / "ro").write_bytes(b"")
+    with open(tmp_path / "ro", "rb") as fh:
+        with pytest.raises(OSError) as failed:
+            native.Sink(fh.fileno()).write([b"x"], new_counts())  # a descriptor not open for writing
+        assert failed.value.errno == errno.EBADF
+        writer = Writer(fh)  # ... and through the writer: raised where the build waits for it
+        writer.write_all([b"text"])
+        with pytest.raises(OSError, match="Bad file descriptor"):
+            writer.close()
+    with pytest.raises(TypeError):
+        native.Sink(-1).write([b"x", "not bytes"], new_counts())
+    with pytest.raises(ValueError, match="256 64-bit"):
+        native.Sink(-1).write([b"x"], array("q", bytes(8)))
+
+
 MAX = 20_000  # max_file_bytes for the reading tests
 
 
@@ -118,8 +194,8 @@ def test_read_files_gives_what_the_python_reader_gives(native, tmp_path, walk):
     c_reader = FileReader(str(tmp_path), walk=walk)
     py_reader = FileReader(str(tmp_path), native=False)
     try:
-        got = c_reader.read(paths, probe, MAX, 1 << 30)
-        want = py_reader.read(paths, probe, MAX, 1 << 30)
+        got = c_reader.read(paths, probe, MAX, 1 << 30, 100)
+        want = py_reader.read(paths, probe, MAX, 1 << 30, 100)
     finally:
         c_reader.close()
         py_reader.close()
@@ -132,9 +208,12 @@ def test_read_files_gives_what_the_python_reader_gives(native, tmp_path, walk):
         assert by_path[link][:2] == (errno.ELOOP, OPEN_FAILED), link
     assert by_path["fifo"][1] == by_path["real"][1] == NOT_REGULAR
     assert by_path["missing.py"][:2] == (errno.ENOENT, OPEN_FAILED)
-    for err, kind, _, data, digest in got:  # the C reader hashes what it read, as hashlib does
+    for err, kind, _, data, digest, flags, beyond in got:  # the C reader hashes and scans what it read
         if kind == REGULAR and data:
             assert digest == hashlib.sha256(data).digest()
+            assert (flags, beyond) == py_text_flags(data, 100)
+        else:
+            assert flags is None and beyond is None
 
 
 def test_read_files_stops_at_its_budget_and_refuses_a_nul_in_a_path(native, tmp_path):
@@ -159,20 +238,36 @@ from schemas.corpus import CorpusConfig
 from workers.corpus import build_corpus_file
 from workers.corpus.textscan import NATIVE
 assert not NATIVE, "CHARFORGE_NO_NATIVE=1 should turn the extension off"
-build_corpus_file([sys.argv[1]], CorpusConfig(), Path(sys.argv[2]), git_base_url="git://unused/", jobs=1)
+config = CorpusConfig.model_validate_json(sys.argv[3])
+build_corpus_file([sys.argv[1]], config, Path(sys.argv[2]), git_base_url="git://unused/", jobs=1)
 """
 
 
+# What the encoding policy changes before a verdict (docs/corpus.md): after the C reader's scan
+# the text is scanned again, and the verdicts must be the pure-Python ones.
+_POLICY_FILES = {
+    "policy/bom.py": b"\xef\xbb\xbfx = 1\r\n", "policy/bom_only.txt": b"\xef\xbb\xbf",
+    "policy/crlf.c": b"int x;\r\n" * 3, "policy/lone_cr.txt": b"a\rb\r", "policy/blank.py": b"  \n\t\n",
+    "policy/cr_long_50.py": b"y" * 50 + b"\r\n", "policy/cr_long_1000.py": b"y" * 1000 + b"\r\n",
+    "policy/bad.py": b"x = '\xff'\n", "policy/bad_bom.py": b"\xef\xbb\xbf\xff\n",
+    "policy/script": "#!/usr/bin/env python3\nprint('ü')\n".encode(), "policy/only_ü.md": "ü\n".encode(),
+}
+
+
 @pytest.mark.timeout(120)
-def test_a_build_without_the_extension_writes_the_same_corpus_and_manifest(native, tmp_path):
+@pytest.mark.parametrize("config", [
+    CorpusConfig(), CorpusConfig(invalid_utf8="replace", normalize_newlines=False, max_line_length=50),
+], ids=["defaults", "replace-keep-cr"])
+def test_a_build_without_the_extension_writes_the_same_corpus_and_manifest(native, tmp_path, config):
     folder = tmp_path / "src"
     write_files(folder, {**hostile_files(), "deep/é/ünï.py": "s = 'ß'\n", "min.js": "x;" * 700})
     write_files(folder, {f"many/{i:03}.c": f"int f{i}(void) {{ return {i % 7}; }}\n" for i in range(300)})
+    write_files(folder, _POLICY_FILES)
     os.mkfifo(folder / "fifo")
     with_c, without = tmp_path / "c.txt", tmp_path / "py.txt"
-    build_corpus_file([str(folder)], CorpusConfig(), with_c, git_base_url="git://unused/", jobs=1)
-    subprocess.run([sys.executable, "-c", _BUILD, str(folder), str(without)], check=True, cwd=ROOT,
-                   env={**os.environ, "CHARFORGE_NO_NATIVE": "1"})
+    build_corpus_file([str(folder)], config, with_c, git_base_url="git://unused/", jobs=1)
+    subprocess.run([sys.executable, "-c", _BUILD, str(folder), str(without), config.model_dump_json()],
+                   check=True, cwd=ROOT, env={**os.environ, "CHARFORGE_NO_NATIVE": "1"})
     assert with_c.read_bytes() == without.read_bytes()
     manifest = Path(f"{with_c}.manifest.json").read_bytes()
     assert manifest == Path(f"{without}.manifest.json").read_bytes()
@@ -183,7 +278,7 @@ def test_read_ahead_raises_the_readers_error_and_stops_when_left_half_way(native
     write_files(tmp_path, {f"f{i:02}.py": b"z" * 100 for i in range(20)})
     monkeypatch.setattr(content, "READ_BYTES", 1)  # a slice per file: more than fit in the queue
     reader = FileReader(str(tmp_path))
-    ahead = ReadAhead(reader, MAX)
+    ahead = ReadAhead(reader, MAX, 100)
     try:
         ahead.submit([f"f{i:02}.py" for i in range(20)], bytes(20))
         ahead.submit(["bad\0name"], b"\0")
@@ -212,7 +307,7 @@ def test_part_files_are_copied_in_order_and_deleted_once_copied(tmp_path, monkey
     task = Task(str(src), "", 0, Rules.of(CorpusConfig()), str(parts_dir))
     results = [examine_batch(task, [Item(f"f{i}.py", None), Item(f"f{i + 1}.py", None)]) for i in (0, 2, 4)]
     os.close(content._PartFile.current.fd)  # what the worker's exit does
-    assert len({r.part.path for r in results}) == 3 and all(r.payload == b"" for r in results)
+    assert len({r.part.path for r in results}) == 3 and all(r.payload == [] for r in results)
     sink = io.BytesIO()
     writer = Writer(sink)
     parts = Parts(parts_dir, writer)

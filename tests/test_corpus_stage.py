@@ -145,6 +145,7 @@ def test_submodule_contents_are_never_fetched(git_server, storage, tmp_path):
 
 
 def _build_plain(folder, tmp_path, *, jobs, inline_files):
+    tmp_path.mkdir(exist_ok=True)
     out = tmp_path / f"corpus-{jobs}.txt"
     tree = SourceTree(folder, "", GitView(folder, plain_git_dir=tmp_path / f"git-{jobs}"))
     with ManifestWriter(tmp_path / f"parts-{jobs}") as manifest:
@@ -156,7 +157,11 @@ def _build_plain(folder, tmp_path, *, jobs, inline_files):
     return out.read_bytes(), (tmp_path / f"manifest-{jobs}.json").read_bytes()
 
 
-def test_process_pool_gives_the_same_corpus_as_one_process(tmp_path):
+@pytest.mark.parametrize("inline_files", [0, 150], ids=["all-pooled", "in-process-first"])
+def test_process_pool_gives_the_same_corpus_as_one_process(tmp_path, inline_files):
+    """With `inline_files`, the first files are judged in-process (duplicates skipped as they
+    are judged) and the rest by the pool (duplicates found as batches come back): the same
+    duplicates either way, also across that boundary."""
     folder = tmp_path / "tree"
     for d in range(6):
         for f in range(60):
@@ -170,7 +175,7 @@ def test_process_pool_gives_the_same_corpus_as_one_process(tmp_path):
     main = sys.modules["__main__"]
     # Two pool builds on two threads at once: each swaps `__main__` while starting workers.
     with ThreadPoolExecutor(2) as threads:
-        pools = [threads.submit(_build_plain, folder, tmp_path / name, jobs=2, inline_files=0)
+        pools = [threads.submit(_build_plain, folder, tmp_path / name, jobs=2, inline_files=inline_files)
                  for name in ("p1", "p2")]
         assert [f.result() for f in pools] == [one, one]
     assert sys.modules["__main__"] is main

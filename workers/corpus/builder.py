@@ -20,7 +20,7 @@ import shutil
 import tempfile
 import time
 from collections import Counter, deque
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -46,7 +46,7 @@ from workers.corpus.manifest import ManifestWriter, skipped_line
 from workers.corpus.pool import INLINE_FILES, Runner, default_jobs
 from workers.corpus.reading import FileReader, Read
 from workers.corpus.sources import GitView, walk
-from workers.corpus.streams import Parts, ReadAhead, ReadInline, Writer
+from workers.corpus.streams import Parts, Piece, ReadAhead, ReadInline, Writer
 from workers.progress import Reporter
 
 CHUNK_ENTRIES = 2048  # paths per `git check-attr` call
@@ -104,7 +104,7 @@ class BuildStats:
     def add_batch(self, tree: int, result: BatchResult) -> None:
         kept = sum(result.files_by_language.values())
         self.files += kept
-        self.bytes += _length(result)
+        self.bytes += result.length
         self.source_bytes += result.source_bytes
         self.repo_files[tree] += kept
         self.repo_bytes[tree] += result.source_bytes
@@ -147,10 +147,6 @@ class _Batch:
     future: Future[BatchResult]
 
 
-def _length(result: BatchResult) -> int:
-    return result.part.length if result.part else len(result.payload)
-
-
 def _done(result: BatchResult) -> Future[BatchResult]:
     future: Future[BatchResult] = Future()
     future.set_result(result)
@@ -174,14 +170,15 @@ def _annotate(git: GitView, chunk: list[Item]) -> list[Item]:
 
 
 class CorpusBuilder:
-    """Builds one corpus from one or more trees into `out`, recording every file in `manifest`.
+    """Builds one corpus from one or more trees into `out` (None: hashed and counted only),
+    recording every file in `manifest`.
 
     `parts`: a directory of its own for the workers' part files (made when a pool starts;
     a temporary directory when none is given), emptied by the end of `build`.
     """
 
     def __init__(
-        self, config: CorpusConfig, out: IO[bytes], manifest: ManifestWriter, reporter: Reporter,
+        self, config: CorpusConfig, out: IO[bytes] | None, manifest: ManifestWriter, reporter: Reporter,
         *, jobs: int | None = None, inline_files: int | None = None, parts: Path | None = None,
     ) -> None:
         self.config = config
@@ -241,14 +238,17 @@ class CorpusBuilder:
         pooled = replace(task, parts=str(self.parts.directory)) if self.parts else task
         entries = walk(tree.root, self.rules, marks=tree.marks, attrs_above=tree.attrs_above)
         reader = FileReader(str(tree.root))
-        ahead = (ReadAhead if reader.native else ReadInline)(reader, self.config.max_file_bytes)
+        first_of = self._first_of if self.config.dedupe else None
+        ahead = (ReadAhead if reader.native else ReadInline)(
+            reader, self.config.max_file_bytes, self.config.max_line_length)
         waiting: deque[list[Planned]] = deque()  # planned chunks whose files `ahead` reads, in order
         try:
             for chunk in _chunks(entries, CHUNK_ENTRIES):
                 chunk = _annotate(tree.git, chunk)
                 if not self.runner.inline(chunk):  # a worker's text goes to its part file: any size
                     while waiting:
-                        yield from self._judge(task, waiting.popleft(), ahead.slices(), reader)
+                        yield from self._judge(task, waiting.popleft(), ahead.slices(), reader, first_of)
+                    first_of = None  # pool batches before the next files: duplicates are found in order
                     for items in _chunks(chunk, BATCH_FILES):
                         yield _Batch(index, self.runner.submit(pooled, items))
                     continue
@@ -256,55 +256,61 @@ class CorpusBuilder:
                 ahead.submit(paths, probe)  # read while the chunk before is judged
                 waiting.append(planned)
                 if len(waiting) > 1:
-                    yield from self._judge(task, waiting.popleft(), ahead.slices(), reader)
+                    yield from self._judge(task, waiting.popleft(), ahead.slices(), reader, first_of)
             while waiting:
-                yield from self._judge(task, waiting.popleft(), ahead.slices(), reader)
+                yield from self._judge(task, waiting.popleft(), ahead.slices(), reader, first_of)
         finally:
             ahead.close()
             reader.close()
 
     @staticmethod
-    def _judge(task: Task, planned: list[Planned], slices: Iterable[list[Read]], reader: FileReader) -> Iterator[_Batch]:
+    def _judge(
+        task: Task, planned: list[Planned], slices: Iterable[list[Read]], reader: FileReader,
+        first_of: Callable[[int, Outcome], str | None] | None,
+    ) -> Iterator[_Batch]:
         """In-process: a batch for each slice of files read (about READ_BYTES of text)."""
         at = 0
         for reads in slices:
-            judged = Judged(task)
+            judged = Judged(task, first_of)
             at = judged.take(planned, at, reads, reader)
             yield _Batch(task.repo, _done(judged.result()))
         if at < len(planned):  # entries after the last file read, decided without reading
-            judged = Judged(task)
+            judged = Judged(task, first_of)
             judged.take(planned, at, [], reader, last=True)
             yield _Batch(task.repo, _done(judged.result()))
 
     def _consume(self, batch: _Batch) -> None:
         result = batch.future.result()
         stats = self.stats
-        dups = self._duplicates(batch.tree, result) if self.config.dedupe else set()
-        if not dups and stats.bytes + _length(result) <= self.config.max_total_bytes:
+        dups = self._duplicates(batch.tree, result) if self.config.dedupe and not result.deduped else set()
+        if not dups and stats.bytes + result.length <= self.config.max_total_bytes:
             # The common case: the whole batch goes in as the worker prepared it.
-            self._copy(result, 0, _length(result))
+            if result.part is None:
+                self.out.write_all(result.payload)  # type: ignore[arg-type]
+            else:
+                self.out.write_all([self._piece(result, 0, result.length)])
             self.manifest.add("".join(result.kept_lines), "".join(result.skipped_lines))
             stats.add_batch(batch.tree, result)
         else:
             self._consume_each(batch.tree, result, dups)
         self._report()
 
-    def _copy(self, result: BatchResult, start: int, end: int) -> None:
-        """Bytes start..end of the batch's text into the corpus."""
-        if result.part is None:
-            self.out.write(memoryview(result.payload)[start:end])
-        else:
-            self.out.copy(self.parts.fd(result.part.path), result.part.offset + start, end - start)  # type: ignore[union-attr]
+    def _piece(self, result: BatchResult, start: int, end: int, text: memoryview | None = None) -> Piece:
+        """Bytes start..end of the batch's text (`text`: its payload joined), as the writer takes them."""
+        if text is not None:
+            return text[start:end]
+        return self.parts.fd(result.part.path), result.part.offset + start, end - start  # type: ignore[union-attr]
+
+    def _first_of(self, tree: int, outcome: Outcome) -> str | None:
+        """None for the first file kept with these bytes; for a later one, "same as <first>"."""
+        key = (tree, outcome.rel)
+        first = self._seen.setdefault(outcome.sha256, key)  # type: ignore[arg-type]
+        return None if first is key else self._same_as(first)
 
     def _duplicates(self, tree: int, result: BatchResult) -> set[int]:
-        """Indexes of kept outcomes whose bytes an earlier file already brought in."""
-        dups = set()
-        for i, o in enumerate(result.outcomes):
-            if o.reason is None:
-                first = (tree, o.rel)
-                if self._seen.setdefault(o.sha256, first) is not first:  # type: ignore[arg-type]
-                    dups.add(i)
-        return dups
+        """Indexes of kept outcomes whose bytes an earlier file already brought in (pool
+        batches: in-process ones skip them as they are judged)."""
+        return {i for i, o in enumerate(result.outcomes) if o.reason is None and self._first_of(tree, o) is not None}
 
     def _consume_each(self, tree: int, result: BatchResult, dups: set[int]) -> None:
         """File by file: drop duplicates, stop exactly at the total cap. Runs of kept files are
@@ -313,7 +319,9 @@ class CorpusBuilder:
         kept_lines, skipped_lines = iter(result.kept_lines), iter(result.skipped_lines)
         kept: list[str] = []
         skipped: list[str] = []
+        runs: list[Piece] = []  # written at once: the writer's queue takes whole batches
         run_start = offset = 0  # the run of kept text not copied yet starts at run_start
+        text = memoryview(b"".join(result.payload)) if result.part is None else None
         for i, o in enumerate(result.outcomes):
             if o.reason is not None:
                 stats.skip(o, o.reason)
@@ -324,7 +332,8 @@ class CorpusBuilder:
                 dup = o._replace(reason=P.DUPLICATE, detail=self._same_as(self._seen[o.sha256]))  # type: ignore[index]
                 stats.skip(o, P.DUPLICATE)
                 skipped.append(skipped_line(tree, dup))
-                self._copy(result, run_start, offset)
+                if offset > run_start:
+                    runs.append(self._piece(result, run_start, offset, text))
                 offset += o.length
                 run_start = offset
                 continue
@@ -335,7 +344,9 @@ class CorpusBuilder:
             stats.keep(tree, o, o.length)
             if i in result.beyond_ascii:
                 stats.other.update(result.beyond_ascii[i])
-        self._copy(result, run_start, offset)
+        if offset > run_start:
+            runs.append(self._piece(result, run_start, offset, text))
+        self.out.write_all(runs)
         self.manifest.add("".join(kept), "".join(skipped))
 
     def _same_as(self, first: tuple[int, str]) -> str:

@@ -18,7 +18,7 @@ import errno
 import hashlib
 import os
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, fields
 from functools import lru_cache
 from typing import TYPE_CHECKING, NamedTuple
@@ -26,8 +26,14 @@ from typing import TYPE_CHECKING, NamedTuple
 from workers.corpus import paths as P
 from workers.corpus.layout import header_line
 from workers.corpus.manifest import kept_line, skipped_line
-from workers.corpus.reading import NOT_REGULAR, OPEN_FAILED, READ_FAILED, FileReader, Read
-from workers.corpus.textscan import has_long_line
+from workers.corpus.reading import (
+    NOT_REGULAR,
+    OPEN_FAILED,
+    READ_FAILED,
+    FileReader,
+    Read,
+)
+from workers.corpus.textscan import BOM, CR, LONG, NUL, SPACE, UTF8, text_flags
 
 if TYPE_CHECKING:
     from schemas.corpus import CorpusConfig
@@ -113,7 +119,8 @@ class BatchResult:
     """A batch as if every file it kept were new: the builder only re-checks duplicates."""
 
     outcomes: list[Outcome]
-    payload: bytes  # the kept files' payloads, concatenated in order (b"" when `part` holds them)
+    payload: list[bytes]  # the pieces of the kept files' payloads, in order ([] when `part` holds them)
+    length: int  # bytes of the batch's text (of `payload`, or of `part`)
     part: PartRef | None  # a pool worker's batch: its payload, in a part file
     kept_lines: list[str]  # their manifest records, in order
     skipped_lines: list[str]  # the manifest records of the rest, in order
@@ -124,29 +131,13 @@ class BatchResult:
     files_by_language: Counter[str]
     bytes_by_language: Counter[str]  # of the kept files' own bytes
     source_bytes: int
+    deduped: bool = False  # its duplicates are skipped already (Judged.first_of)
 
 
 def non_ascii_counts(text: bytes | memoryview) -> Counter[str]:
     """Counts of the characters of UTF-8 `text` past U+007F. No ASCII byte is part of a longer
     sequence, so deleting them leaves exactly those characters, still valid UTF-8."""
     return Counter(bytes(text).translate(None, _ASCII).decode("utf-8"))
-
-
-def _decode(data: bytes, rules: Rules) -> tuple[bytes | None, str | None]:
-    """(UTF-8 text, None) or (None, skip reason) under the encoding policy of docs/corpus.md."""
-    if b"\0" in data:
-        return None, P.BINARY
-    if data.isascii():
-        return data, None
-    try:
-        data.decode("utf-8")
-    except UnicodeDecodeError:
-        if rules.invalid_utf8 == "skip":
-            return None, P.INVALID_UTF8
-        data = data.decode("utf-8", "replace").encode("utf-8")
-    if data.startswith(b"\xef\xbb\xbf"):  # a byte-order mark is noise in the middle of a corpus
-        data = data[3:]
-    return data, None
 
 
 class Planned(NamedTuple):
@@ -181,23 +172,24 @@ def plan(task: Task, items: Sequence[Item], reader: FileReader) -> tuple[list[Pl
     return planned, paths, bytes(probe)
 
 
-def _verdict(entry: Planned, read: Read, task: Task, reader: FileReader) -> tuple[Outcome, bytes, bytes]:
-    """(verdict, header, text) of a file read: header and text are empty unless it is kept."""
+def _verdict(entry: Planned, read: Read, task: Task, reader: FileReader) -> Verdict:
+    """A file read, judged: the header, text and non-ASCII bytes are empty unless it is kept."""
     rules, rel = task.rules, entry.item.rel
-    err, kind, size, data, digest = read
+    err, kind, size, data, digest, flags, beyond = read
     if kind == OPEN_FAILED:
-        return _unopened(reader, entry.item, rules, err), b"", b""
+        return _unopened(reader, entry.item, rules, err), b"", b"", None
     if kind == NOT_REGULAR:
-        return Outcome(rel, 0, P.SPECIAL), b"", b""
+        return Outcome(rel, 0, P.SPECIAL), b"", b"", None
     if kind == READ_FAILED:
-        return Outcome(rel, 0, P.UNREADABLE, os.strerror(err)), b"", b""
+        return Outcome(rel, 0, P.UNREADABLE, os.strerror(err)), b"", b"", None
     # The size rules, in PathRules.classify's order, for a file the walk did not stat.
     if size > rules.max_file_bytes:
-        return Outcome(rel, size, P.TOO_LARGE), b"", b""
+        return Outcome(rel, size, P.TOO_LARGE), b"", b"", None
     if size == 0:
-        return Outcome(rel, 0, P.EMPTY), b"", b""
+        return Outcome(rel, 0, P.EMPTY), b"", b"", None
     display = f"{task.label}/{rel}" if task.label else rel
-    return judge(rel, display, data, rules, size, entry.name.language, digest)  # type: ignore[arg-type,union-attr]
+    scan = None if flags is None else (flags, beyond)
+    return judge(rel, display, data, rules, size, entry.name.language, digest, scan)  # type: ignore[arg-type,union-attr]
 
 
 def _unopened(reader: FileReader, item: Item, rules: Rules, err: int) -> Outcome:
@@ -211,35 +203,52 @@ def _unopened(reader: FileReader, item: Item, rules: Rules, err: int) -> Outcome
     return Outcome(item.rel, 0, P.SYMLINK if err == errno.ELOOP else P.UNREADABLE, os.strerror(err))
 
 
+Verdict = tuple[Outcome, bytes, bytes, "bytes | None"]  # verdict, header, text, its bytes past 0x7F
+_SKIP = b"", b"", None
+_new = tuple.__new__  # a kept file's Outcome, all fields given: no Python-level __new__ call
+
+
 def judge(
     rel: str, display: str, data: bytes, rules: Rules, size: int, language: str | None,
-    sha256: bytes | None = None,
-) -> tuple[Outcome, bytes, bytes]:
+    sha256: bytes | None = None, scan: tuple[int, bytes | None] | None = None,
+) -> Verdict:
     """Decide on one file's bytes (`size` as stat saw it; `language` from its name, if any;
-    `sha256` of `data`, if known already): skip, or its header and text."""
-    skip = b"", b""
+    `sha256` of `data` and `scan`, its `text_flags`, if known already): skip, or its header,
+    text and text's bytes past 0x7F (None: there are none)."""
     if len(data) > rules.max_file_bytes:
-        return Outcome(rel, len(data), P.TOO_LARGE, "grew while being read"), *skip
+        return Outcome(rel, len(data), P.TOO_LARGE, "grew while being read"), *_SKIP
     if not data:
-        return Outcome(rel, size, P.EMPTY), *skip
+        return Outcome(rel, size, P.EMPTY), *_SKIP
     if language is None:  # no language from the name: a `#!` line may tell
         tags = P.interpreter_tags(data[:256].split(b"\n", 1)[0])
         language = P.language_of(tags)
         if rules.langs and not tags & rules.langs:
-            return Outcome(rel, size, P.LANGUAGE), *skip
-    text, reason = _decode(data, rules)
-    if text is None:
-        return Outcome(rel, size, reason), *skip
-    if rules.normalize_newlines and b"\r" in text:
+            return Outcome(rel, size, P.LANGUAGE), *_SKIP
+    limit = rules.max_line_length
+    flags, beyond = scan or text_flags(data, limit)
+    if flags & NUL:
+        return Outcome(rel, size, P.BINARY), *_SKIP
+    text = data
+    # The encoding policy of docs/corpus.md. Each change of the text is scanned again (rare).
+    if not flags & UTF8:
+        if rules.invalid_utf8 == "skip":
+            return Outcome(rel, size, P.INVALID_UTF8), *_SKIP
+        text = text.decode("utf-8", "replace").encode("utf-8")
+        flags, beyond = text_flags(text, limit)
+    if flags & BOM:  # a byte-order mark is noise in the middle of a corpus
+        text = text[3:]
+        flags, beyond = text_flags(text, limit)
+    if rules.normalize_newlines and flags & CR:
         text = text.replace(b"\r\n", b"\n")
-    if has_long_line(text, rules.max_line_length):
-        return Outcome(rel, size, P.MINIFIED, f"a line longer than {rules.max_line_length} bytes"), *skip
-    if text.isspace():
-        return Outcome(rel, size, P.EMPTY, "whitespace only"), *skip
+        flags, beyond = text_flags(text, limit)
+    if flags & LONG:
+        return Outcome(rel, size, P.MINIFIED, f"a line longer than {limit} bytes"), *_SKIP
+    if flags & SPACE:
+        return Outcome(rel, size, P.EMPTY, "whitespace only"), *_SKIP
     head = header_line(display, language) if rules.file_header else b""
-    length = len(head) + len(text) + (0 if text.endswith(b"\n") else 1)
-    outcome = Outcome(rel, len(data), None, None, sha256 or hashlib.sha256(data).digest(), language, length)
-    return outcome, head, text
+    length = len(head) + len(text) + (not text.endswith(b"\n"))
+    digest = sha256 or hashlib.sha256(data).digest()
+    return _new(Outcome, (rel, len(data), None, None, digest, language, length)), head, text, beyond
 
 
 class _PartFile:
@@ -290,36 +299,44 @@ class _Payload:
         self._file = _PartFile.of(parts) if parts else None
         self._start = self._file.start() if self._file else ("", 0)
 
-    def add(self, index: int, head: bytes, text: bytes) -> None:
-        """Kept file `index`: its header and text (a newline is added if it lacks one)."""
+    def add(self, index: int, head: bytes, text: bytes, beyond: bytes | None) -> None:
+        """Kept file `index`: its header and text (a newline is added if it lacks one), and the
+        text's bytes past 0x7F (`text_flags`; None: it has none)."""
         pieces = self.pieces
-        pieces += (head, text) if text.endswith(b"\n") else (head, text, b"\n")
-        if not (head.isascii() and text.isascii()):
-            self.beyond_ascii[index] = non_ascii_counts(head) + non_ascii_counts(text)
-        self._pending += len(head) + len(text) + 1
+        end = text.endswith(b"\n")
+        pieces += (head, text) if end else (head, text, b"\n")
+        if beyond is not None or not head.isascii():
+            counts = Counter(beyond.decode("utf-8")) if beyond is not None else Counter()
+            self.beyond_ascii[index] = counts + non_ascii_counts(head) if not head.isascii() else counts
+        self._pending += len(head) + len(text) + (not end)
         if self._file is not None and self._pending >= FLUSH_BYTES:
             self._flush()
 
-    def _flush(self) -> bytes:
+    def _flush(self) -> None:
         data = b"".join(self.pieces)
         self.pieces, self.length, self._pending = [], self.length + len(data), 0
-        if self._file is not None:
-            self._file.write(data)
-        return data
+        self._file.write(data)  # type: ignore[union-attr]
 
-    def finish(self) -> tuple[bytes, PartRef | None]:
-        """The text in memory, or b"" and where it was written."""
-        data = self._flush()
+    def finish(self) -> tuple[list[bytes], int, PartRef | None]:
+        """The text's pieces in memory (the writer takes them as they are: no join), or none
+        and where it was written; its length."""
         if self._file is None:
-            return data, None
-        return b"", PartRef(*self._start, self.length)
+            return self.pieces, self._pending, None
+        self._flush()
+        return [], self.length, PartRef(*self._start, self.length)
 
 
 class Judged:
-    """The verdicts of a batch, in order, collected into its BatchResult."""
+    """The verdicts of a batch, in order, collected into its BatchResult.
 
-    def __init__(self, task: Task) -> None:
+    `first_of` (in-process, where the builder's duplicate index is at hand): asked of each file
+    kept, it gives None for the first file with its bytes, or what to say of a duplicate ("same as
+    ..."), which is then skipped here rather than cut out of the batch's text later.
+    """
+
+    def __init__(self, task: Task, first_of: Callable[[int, Outcome], str | None] | None = None) -> None:
         self.task = task
+        self.first_of = first_of
         self.payload = _Payload(task.parts)
         self.outcomes: list[Outcome] = []
         self.kept: list[str] = []
@@ -329,14 +346,18 @@ class Judged:
         self.files_by_language: Counter[str] = Counter()
         self.bytes_by_language: Counter[str] = Counter()
 
-    def add(self, outcome: Outcome, head: bytes, text: bytes) -> None:
+    def add(self, outcome: Outcome, head: bytes, text: bytes, beyond: bytes | None) -> None:
+        if outcome.reason is None and self.first_of is not None:
+            same = self.first_of(self.task.repo, outcome)
+            if same is not None:
+                outcome = outcome._replace(reason=P.DUPLICATE, detail=same)
         self.outcomes.append(outcome)
         if outcome.reason is not None:
             self.by_reason[outcome.reason] += 1
             self.skipped_dirs += outcome.rel.endswith("/")
             self.skipped.append(skipped_line(self.task.repo, outcome))
             return
-        self.payload.add(len(self.outcomes) - 1, head, text)
+        self.payload.add(len(self.outcomes) - 1, head, text, beyond)
         self.kept.append(kept_line(self.task.repo, outcome))
         language = outcome.language or "other"
         self.files_by_language[language] += 1
@@ -351,7 +372,7 @@ class Judged:
         for at in range(start, len(planned)):
             entry = planned[at]
             if entry.outcome is not None:
-                self.add(entry.outcome, b"", b"")
+                self.add(entry.outcome, *_SKIP)
             elif i < len(reads):
                 self.add(*_verdict(entry, reads[i], task, reader))
                 i += 1
@@ -361,19 +382,21 @@ class Judged:
         return len(planned)
 
     def result(self) -> BatchResult:
-        data, part = self.payload.finish()
+        pieces, length, part = self.payload.finish()
         return BatchResult(
-            self.outcomes, data, part, self.kept, self.skipped, self.payload.beyond_ascii, self.by_reason,
+            self.outcomes, pieces, length, part, self.kept, self.skipped, self.payload.beyond_ascii, self.by_reason,
             self.skipped_dirs, self.files_by_language, self.bytes_by_language,
-            sum(self.bytes_by_language.values()),
+            sum(self.bytes_by_language.values()), self.first_of is not None,
         )
 
 
-def read_slices(reader: FileReader, paths: list[str], probe: bytes, max_file_bytes: int) -> Iterator[list[Read]]:
-    """All of `paths` read, READ_BYTES of data (or one file) at a time."""
+def read_slices(
+    reader: FileReader, paths: list[str], probe: bytes, max_file_bytes: int, line_limit: int,
+) -> Iterator[list[Read]]:
+    """All of `paths` read (and scanned, `text_flags`), READ_BYTES of data (or one file) at a time."""
     done = 0
     while done < len(paths):
-        reads = reader.read(paths[done:], probe[done:], max_file_bytes, READ_BYTES)
+        reads = reader.read(paths[done:], probe[done:], max_file_bytes, READ_BYTES, line_limit)
         done += len(reads)
         yield reads
 
@@ -386,7 +409,7 @@ def examine_batch(task: Task, items: Sequence[Item]) -> BatchResult:
     try:
         planned, paths, probe = plan(task, items, reader)
         judged, at = Judged(task), 0
-        for reads in read_slices(reader, paths, probe, task.rules.max_file_bytes):
+        for reads in read_slices(reader, paths, probe, task.rules.max_file_bytes, task.rules.max_line_length):
             at = judged.take(planned, at, reads, reader)
         judged.take(planned, at, [], reader, last=True)
         return judged.result()

@@ -40,6 +40,8 @@ class Read(NamedTuple):
     size: int  # fstat's, for a regular file
     data: bytes | None  # a regular file's bytes: b"" when empty or over max_file_bytes (not read)
     sha256: bytes | None = None  # of `data`, when the C reader could hash it (else hashlib does)
+    flags: int | None = None  # textscan.text_flags of `data`, from the C reader (else judge scans)
+    beyond: bytes | None = None  # ... and the bytes past 0x7F it gives
 
 
 def _open_dir(name: str, parent: int) -> int:
@@ -163,12 +165,13 @@ class FileReader:
         self.native = native and _native is not None
         self._walk = walk  # C reader: one directory at a time even where openat2 works (tests)
 
-    def read(self, paths: list[str], probe: bytes, max_file_bytes: int, budget: int) -> list[Read]:
+    def read(self, paths: list[str], probe: bytes, max_file_bytes: int, budget: int, line_limit: int = -1) -> list[Read]:
         """The first of `paths` (at least one) whose data add up to `budget` bytes. `probe`
-        holds a byte per path: 1 for a name that does not say text (read PROBE_BYTES first)."""
+        holds a byte per path: 1 for a name that does not say text (read PROBE_BYTES first).
+        The C reader also scans each file's data (`text_flags`, lines longer than `line_limit`)."""
         if self.native:
             return _native.read_files(  # type: ignore[union-attr,no-any-return]
-                self._opener.root_fd, paths, probe, max_file_bytes, budget, self._walk)
+                self._opener.root_fd, paths, probe, max_file_bytes, budget, line_limit, self._walk)
         reads: list[Read] = []
         total = 0
         for path, flag in zip(paths, probe, strict=True):

@@ -116,13 +116,6 @@ def _head(
     }
 
 
-class _Discard:
-    """A sink for `inspect`: the corpus is counted and hashed, not kept."""
-
-    def write(self, data: bytes) -> int:
-        return len(data)
-
-
 @contextmanager
 def _build(
     repos: Sequence[ResolvedRepo], config: CorpusConfig, text_path: Path | None, scratch: Path,
@@ -135,7 +128,7 @@ def _build(
     """
     trees = prepare_trees(repos, scratch, reporter, outputs)
     with ManifestWriter(scratch / "manifest-parts") as manifest:
-        with open_output(text_path) if text_path else nullcontext(_Discard()) as sink:
+        with open_output(text_path) if text_path else nullcontext(None) as sink:
             stats = CorpusBuilder(config, sink, manifest, reporter, jobs=jobs,
                                   parts=scratch / "text-parts").build(trees)  # type: ignore[arg-type]
         yield stats, manifest

@@ -9,9 +9,11 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import queue
 import threading
+from array import array
 from collections import deque
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -20,35 +22,37 @@ from typing import IO, Any
 from schemas.errors import CorpusError
 from workers.corpus.content import read_slices
 from workers.corpus.reading import FileReader, Read
-from workers.corpus.textscan import count_bytes, new_counts
-from workers.storage import HashingWriter
+from workers.corpus.textscan import count_bytes, native_module, new_counts
 
 READ_AHEAD = 4  # slices of files read (about content.READ_BYTES each) waiting to be judged
 COPY_BYTES = 1024 * 1024  # read from a part file at a time (into one buffer, reused)
 QUEUED_WRITES = 4  # texts (a batch's, about a MiB in-process) or copies waiting for the writer
 
+Piece = bytes | memoryview | tuple[int, int, int]  # text, or (fd, offset, length) of a part file
+
 
 class Writer:
     """Writes the corpus on a thread of its own, hashing it and counting its bytes on the way.
 
-    It writes text handed to it (in-process batches) and copies ranges of the workers' part
-    files (read into one buffer it reuses). Reading, sha256, the byte counts (C) and writing
-    run without the GIL, so on a second core they overlap the walk and the judging. At most
+    It writes text handed to it (in-process batches: the pieces of each file, never joined)
+    and copies ranges of the workers' part files (read into one buffer it reuses). The C sink
+    (`_native.Sink`) hashes, counts and writes a batch in one call that holds no GIL (so on a
+    second core it overlaps the walk and the judging, and takes the GIL back once per batch,
+    not once per step). At most
     QUEUED_WRITES items wait. An error stops the writing and is raised in the builder's thread,
     by the next call or by `close`. (Measured: moving the duplicate check and the files' own
     sha256 here too was slower; their Python work then competes for the GIL.)
     """
 
-    def __init__(self, out: IO[bytes]) -> None:
-        self._out = HashingWriter(out)
+    def __init__(self, out: IO[bytes] | None) -> None:
+        self._out = _sink(out)
         self.counts = new_counts()  # of each byte value written
-        self._queue: queue.Queue[bytes | memoryview | tuple[int, int, int] | Callable[[], None] | None]
-        self._queue = queue.Queue(QUEUED_WRITES)
+        self._queue: queue.Queue[Piece | list[Piece] | Callable[[], None] | None] = queue.Queue(QUEUED_WRITES)
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="corpus-writer", daemon=True)
         self._thread.start()
 
-    def _put(self, item: bytes | memoryview | tuple[int, int, int] | Callable[[], None]) -> None:
+    def _put(self, item: Piece | list[Piece] | Callable[[], None]) -> None:
         if self._error is not None:
             raise self._error
         self._queue.put(item)
@@ -62,6 +66,13 @@ class Writer:
         if length:
             self._put((fd, offset, length))
 
+    def write_all(self, pieces: list[Piece]) -> None:
+        """Several texts or copies (`copy`'s arguments as a tuple), in order, queued as one: a
+        batch with duplicates in it is many runs of text, and a queue item each would make the
+        builder's thread wait for the writer's, run after run."""
+        if pieces:
+            self._put(pieces)
+
     def then(self, action: Callable[[], None]) -> None:
         """Run `action` on the writer's thread once everything queued before it is written."""
         self._put(action)
@@ -71,14 +82,26 @@ class Writer:
         while (item := self._queue.get()) is not None:
             if self._error is None:  # after an error, only drain: a waiting `write` never blocks
                 try:
-                    if type(item) is tuple:
-                        self._copy(buffer, *item)
-                    elif callable(item):
+                    if callable(item):
                         item()
                     else:
-                        self._write(item)  # type: ignore[arg-type]
+                        self._pieces(buffer, item if type(item) is list else [item])  # type: ignore[list-item]
                 except BaseException as exc:  # noqa: BLE001 - raised again in the builder's thread
                     self._error = exc
+
+    def _pieces(self, buffer: memoryview, pieces: list[Piece]) -> None:
+        """Texts in one call to the sink (one GIL release, in C), copies one buffer at a time."""
+        texts: list[bytes | memoryview] = []
+        for piece in pieces:
+            if type(piece) is tuple:
+                if texts:
+                    self._out.write(texts, self.counts)
+                    texts = []
+                self._copy(buffer, *piece)
+            else:
+                texts.append(piece)  # type: ignore[arg-type]
+        if texts:
+            self._out.write(texts, self.counts)
 
     def _copy(self, buffer: memoryview, fd: int, offset: int, length: int) -> None:
         end = offset + length
@@ -86,12 +109,8 @@ class Writer:
             got = os.preadv(fd, [buffer[:min(COPY_BYTES, end - offset)]], offset)
             if got == 0:
                 raise CorpusError(f"a part file ended {end - offset} bytes early")
-            self._write(buffer[:got])
+            self._out.write([buffer[:got]], self.counts)
             offset += got
-
-    def _write(self, text: bytes | memoryview) -> None:
-        self._out.write(text)
-        count_bytes(text, self.counts)
 
     def close(self, *, check: bool = True) -> str:
         """Wait until everything queued is written; the sha256 of all of it. `check=False`: the
@@ -100,7 +119,43 @@ class Writer:
         self._thread.join()
         if check and self._error is not None:
             raise self._error
-        return self._out.sha256
+        return self._out.hexdigest()
+
+
+class _PySink:
+    """`_native.Sink` in Python (without the C extension, or for a file object with no
+    descriptor): a batch's pieces joined, then hashed, counted and written (`out` None: not
+    written)."""
+
+    def __init__(self, out: IO[bytes] | None) -> None:
+        self._out, self._hash = out, hashlib.sha256()
+
+    def write(self, pieces: list[bytes | memoryview], counts: array[int]) -> None:
+        data = pieces[0] if len(pieces) == 1 else b"".join(pieces)  # a batch's pieces are small
+        self._hash.update(data)
+        count_bytes(data, counts)
+        if self._out is not None:
+            self._out.write(data)
+
+    def hexdigest(self) -> str:
+        return self._hash.hexdigest()
+
+
+def _sink(out: IO[bytes] | None) -> Any:
+    """Where the writer's bytes go: the C sink (hashing, counting and writing each batch in one
+    call that holds no GIL) for a file with a descriptor, or for none (`out` None: hash and
+    count only, as `inspect` does); `_PySink` otherwise."""
+    native = native_module()
+    if native is None:
+        return _PySink(out)
+    if out is None:
+        return native.Sink(-1)
+    try:
+        fd = out.fileno()
+    except (AttributeError, OSError, ValueError):  # io.UnsupportedOperation is both of the last two
+        return _PySink(out)
+    out.flush()  # the sink writes to the descriptor, past the file object's buffer
+    return native.Sink(fd)
 
 
 class Parts:
@@ -134,7 +189,8 @@ class Parts:
     def close(self) -> None:
         """Once the writer is done: close and delete the part files still open."""
         while self._fds:
-            _drop(*reversed(self._fds.popitem()))
+            path, fd = self._fds.popitem()
+            _drop(fd, path)
 
 
 def _drop(fd: int, path: str) -> None:
@@ -151,10 +207,11 @@ class ReadAhead:
     the GIL). At most READ_AHEAD slices wait. An error is raised where the slices are taken.
     """
 
-    _END = object()
+    _END = object()  # a chunk's slices end
+    _CLOSED = object()  # the thread's last word
 
-    def __init__(self, reader: FileReader, max_file_bytes: int) -> None:
-        self._reader, self._max = reader, max_file_bytes
+    def __init__(self, reader: FileReader, max_file_bytes: int, line_limit: int) -> None:
+        self._reader, self._limits = reader, (max_file_bytes, line_limit)
         self._jobs: queue.Queue[tuple[list[str], bytes] | None] = queue.Queue()
         self._out: queue.Queue[Any] = queue.Queue(READ_AHEAD)
         self._stop = False
@@ -172,26 +229,26 @@ class ReadAhead:
             yield item
 
     def _run(self) -> None:
-        while (job := self._jobs.get()) is not None:
-            try:
-                for reads in read_slices(self._reader, *job, self._max):
-                    if self._stop:
-                        break
-                    self._out.put(reads)
-            except BaseException as exc:  # noqa: BLE001 - raised again in the builder's thread
-                self._out.put(exc)  # ends this chunk's slices
-                continue
-            self._out.put(self._END)
+        try:
+            while (job := self._jobs.get()) is not None:
+                try:
+                    for reads in read_slices(self._reader, *job, *self._limits):
+                        if self._stop:
+                            break
+                        self._out.put(reads)
+                except BaseException as exc:  # noqa: BLE001 - raised again in the builder's thread
+                    self._out.put(exc)  # ends this chunk's slices
+                    continue
+                self._out.put(self._END)
+        finally:
+            self._out.put(self._CLOSED)
 
     def close(self) -> None:
         """Stop reading and wait for the thread (also when the build stopped half-way)."""
         self._stop = True
         self._jobs.put(None)
-        while self._thread.is_alive():
-            try:
-                self._out.get(timeout=0.05)  # a reading waiting for room goes on, and ends
-            except queue.Empty:
-                pass
+        while self._out.get() is not self._CLOSED:  # a reading waiting for room goes on, and ends
+            pass
         self._thread.join()
 
 
@@ -199,15 +256,15 @@ class ReadInline:
     """`ReadAhead` without a thread, for the pure-Python reader (its `os.read` calls would take
     turns with the judging for the GIL): a chunk's files are read as its slices are taken."""
 
-    def __init__(self, reader: FileReader, max_file_bytes: int) -> None:
-        self._reader, self._max = reader, max_file_bytes
+    def __init__(self, reader: FileReader, max_file_bytes: int, line_limit: int) -> None:
+        self._reader, self._limits = reader, (max_file_bytes, line_limit)
         self._jobs: deque[tuple[list[str], bytes]] = deque()
 
     def submit(self, paths: list[str], probe: bytes) -> None:
         self._jobs.append((paths, probe))
 
     def slices(self) -> Iterator[list[Read]]:
-        return read_slices(self._reader, *self._jobs.popleft(), self._max)
+        return read_slices(self._reader, *self._jobs.popleft(), *self._limits)
 
     def close(self) -> None:
         self._jobs.clear()
