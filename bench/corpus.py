@@ -14,6 +14,9 @@ included; ~940 MB, ~50,000 files here). In one run it measures, page cache warme
   wall time to the builder's (goal >= 10x);
 - a raw `find DIR -name '*.py' -print0 | xargs -0 cat` (best of --repeat), and the builder's
   throughput on the bytes it kept as a fraction of that (goal >= 50%);
+- the builder's C byte work alone on the files it kept, in one thread (`read_files` and `Sink`:
+  reading, both sha256s, the scans, the byte counts, the writing; no Python per file), best of
+  --repeat: what no build of that corpus can go below on one core;
 - the builder on the tree doubled (two hard-linked copies side by side), whose peak memory must
   stay within 10% of the single tree's (goal), with duplicates dropped (the default) and kept.
 """
@@ -55,6 +58,42 @@ def child(tree: str, out: str, jobs: int, keep_duplicates: bool) -> None:
         "vocab": totals["vocab_size"], "main_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         "native": NATIVE,
     }))
+
+
+def floor_child(tree: str, manifest: str, out: str) -> None:
+    """Runs in a subprocess: the builder's C byte work alone, in one thread, on the files a build
+    kept (from its manifest): each read, hashed and scanned (`read_files`), and their text hashed,
+    counted and written (`Sink`); no walk, no path rules, no verdicts, no headers. Wall time as
+    JSON on stdout."""
+    from schemas.corpus import CorpusConfig
+    from workers.corpus import _native  # type: ignore[attr-defined]
+    from workers.corpus.reading import FileReader
+    from workers.corpus.textscan import new_counts
+
+    paths = [f["path"] for f in json.loads(Path(manifest).read_text())["files"]]
+    config, counts = CorpusConfig(), new_counts()
+    reader = FileReader(tree)
+    start = time.perf_counter()
+    with open(out, "wb") as fh:
+        sink, done = _native.Sink(fh.fileno()), 0
+        while done < len(paths):
+            window = paths[done:done + 2048]
+            reads = reader.read(window, bytes(len(window)), config.max_file_bytes, 1 << 20, config.max_line_length)
+            sink.write([r[3] for r in reads], counts)
+            done += len(reads)
+    print(json.dumps({"wall": time.perf_counter() - start, "bytes": sink.size}))
+
+
+def run_floor(tree: Path, manifest: Path, out: Path, repeat: int) -> dict:
+    """`floor_child` in a child process, best of `repeat`."""
+    runs = []
+    for _ in range(repeat):
+        out.unlink(missing_ok=True)
+        proc = subprocess.run([sys.executable, __file__, "--floor", str(tree), str(manifest), str(out)],
+                              capture_output=True, text=True, check=True)
+        runs.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+    out.unlink(missing_ok=True)
+    return min(runs, key=lambda r: r["wall"])
 
 
 def run_builder(tree: Path, out: Path, jobs: int, keep_duplicates: bool = False, *, sample: bool = True,
@@ -114,10 +153,14 @@ def main() -> None:
     parser.add_argument("--no-exec", action="store_true", help="skip the (slow) find -exec cat baseline")
     parser.add_argument("--no-double", action="store_true", help="skip the doubled-tree RSS check")
     parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
+    parser.add_argument("--floor", nargs=3, help=argparse.SUPPRESS)
     parser.add_argument("--keep-duplicates", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         child(args.child[0], args.child[1], int(args.child[2]), args.keep_duplicates)
+        return
+    if args.floor:
+        floor_child(*args.floor)
         return
 
     from workers.corpus.pool import default_jobs
@@ -138,6 +181,8 @@ def main() -> None:
 
         runs = [run_builder(tree, work / f"corpus-{i}.txt", jobs, sample=False) for i in range(args.repeat)]
         best = min(runs, key=lambda r: r["wall"])
+        floor = run_floor(tree, work / "corpus-0.txt.manifest.json", work / "floor.txt", args.repeat) \
+            if best["native"] else None
         for i in range(args.repeat):
             (work / f"corpus-{i}.txt").unlink(missing_ok=True)
         sampled = run_builder(tree, work / "corpus-sampled.txt", jobs)
@@ -152,6 +197,11 @@ def main() -> None:
         print(f"xargs cat *.py: {mb(xargs_bytes)} in {xargs_wall:.2f} s = {mb(xargs_bytes / xargs_wall)}/s")
         fraction = (best["bytes"] / best["wall"]) / (xargs_bytes / xargs_wall)
         print(f"throughput vs raw xargs cat: {fraction:.0%} (goal >= 50%)")
+        if floor:
+            rate = floor["bytes"] / floor["wall"]
+            print(f"C byte work alone, one thread (the kept files read, hashed and scanned; their text hashed, "
+                  f"counted, written): {floor['wall']:.2f} s for {mb(floor['bytes'])} = {mb(rate)}/s, "
+                  f"{rate / (xargs_bytes / xargs_wall):.0%} of xargs cat; the builder takes {best['wall'] / floor['wall']:.2f}x that")
         without_native(tree, work, jobs, args.repeat, best["wall"], best["bytes"] / (xargs_bytes / xargs_wall))
         if not args.no_exec:
             exec_out = work / "exec.txt"
