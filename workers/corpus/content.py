@@ -140,6 +140,9 @@ def non_ascii_counts(text: bytes | memoryview) -> Counter[str]:
     return Counter(bytes(text).translate(None, _ASCII).decode("utf-8"))
 
 
+_new = tuple.__new__  # a named tuple with all fields given, without its Python-level __new__ call
+
+
 class Planned(NamedTuple):
     """An item of a batch before reading: decided already, or a file to read."""
 
@@ -166,7 +169,7 @@ def plan(task: Task, items: Sequence[Item], reader: FileReader) -> tuple[list[Pl
             planned.append(Planned(item, Outcome(rel, size or 0, reason, detail), None))
             continue
         name = P.name_info(rel[rel.rfind("/") + 1:])
-        planned.append(Planned(item, None, name))
+        planned.append(_new(Planned, (item, None, name)))  # see _new
         paths.append(rel)
         probe.append(not name.text)
     return planned, paths, bytes(probe)
@@ -205,7 +208,6 @@ def _unopened(reader: FileReader, item: Item, rules: Rules, err: int) -> Outcome
 
 Verdict = tuple[Outcome, bytes, bytes, "bytes | None"]  # verdict, header, text, its bytes past 0x7F
 _SKIP = b"", b"", None
-_new = tuple.__new__  # a kept file's Outcome, all fields given: no Python-level __new__ call
 
 
 def judge(

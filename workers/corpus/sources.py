@@ -198,12 +198,14 @@ def _entries(
                     yield _skipped(child, marks[child])
                 continue
             # No stat here: the fstat of the open file gives its size.
-            yield Item(child, None, None, False, None, None, scope.vendored, scope.attr, scope.ignore)
+            # tuple.__new__ with every field: Item(...) would run a Python-level __new__ per file
+            yield _new(Item, (child, None, None, False, None, None, scope.vendored, scope.attr, scope.ignore))
         else:
             yield _skipped(child, P.SPECIAL)
 
 
 _GIT_READS = frozenset({".gitattributes", ".gitignore"})  # files git itself opens in the tree
+_new = tuple.__new__
 _SPECIAL_KINDS = ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a device"),
                   (stat.S_ISBLK, "a device"))
 
