@@ -113,8 +113,8 @@ class BuildStats:
         self.by_reason.update(result.by_reason)
         self.files_by_language.update(result.files_by_language)
         self.bytes_by_language.update(result.bytes_by_language)
-        for counts in result.beyond_ascii.values():
-            self.other.update(counts)
+        if result.beyond_ascii:  # one count of the batch's characters past U+007F (C, on a str)
+            self.other.update(b"".join(result.beyond_ascii.values()).decode("utf-8"))
 
     def vocab(self) -> list[tuple[str, int]]:
         pairs = [(chr(i), int(n)) for i, n in enumerate(self.ascii) if n]
@@ -343,7 +343,7 @@ class CorpusBuilder:
             kept.append(line)
             stats.keep(tree, o, o.length)
             if i in result.beyond_ascii:
-                stats.other.update(result.beyond_ascii[i])
+                stats.other.update(result.beyond_ascii[i].decode("utf-8"))
         if offset > run_start:
             runs.append(self._piece(result, run_start, offset, text))
         self.out.write_all(runs)

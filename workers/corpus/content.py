@@ -124,20 +124,15 @@ class BatchResult:
     part: PartRef | None  # a pool worker's batch: its payload, in a part file
     kept_lines: list[str]  # their manifest records, in order
     skipped_lines: list[str]  # the manifest records of the rest, in order
-    beyond_ascii: dict[int, Counter[str]]  # characters past U+007F of the kept files that have
-    # any (by index in `outcomes`), counted: the builder leaves out those of duplicates
+    beyond_ascii: dict[int, bytes]  # the bytes past 0x7F (header and text) of the kept files that
+    # have any, by index in `outcomes`: UTF-8 of their characters past U+007F, which the builder
+    # counts (but not those of duplicates)
     by_reason: Counter[str]
     skipped_dirs: int  # skipped entries that are whole directories
     files_by_language: Counter[str]
     bytes_by_language: Counter[str]  # of the kept files' own bytes
     source_bytes: int
     deduped: bool = False  # its duplicates are skipped already (Judged.first_of)
-
-
-def non_ascii_counts(text: bytes | memoryview) -> Counter[str]:
-    """Counts of the characters of UTF-8 `text` past U+007F. No ASCII byte is part of a longer
-    sequence, so deleting them leaves exactly those characters, still valid UTF-8."""
-    return Counter(bytes(text).translate(None, _ASCII).decode("utf-8"))
 
 
 _new = tuple.__new__  # a named tuple with all fields given, without its Python-level __new__ call
@@ -290,14 +285,14 @@ class _PartFile:
 
 
 class _Payload:
-    """A batch's kept text (and each file's characters past U+007F, counted): held in memory
+    """A batch's kept text (and each file's bytes past 0x7F): held in memory
     (in-process), or appended to the worker's part file FLUSH_BYTES at a time (in a pool), so
     a batch never holds more."""
 
     def __init__(self, parts: str | None) -> None:
         self.pieces: list[bytes] = []
         self.length = self._pending = 0
-        self.beyond_ascii: dict[int, Counter[str]] = {}
+        self.beyond_ascii: dict[int, bytes] = {}
         self._file = _PartFile.of(parts) if parts else None
         self._start = self._file.start() if self._file else ("", 0)
 
@@ -307,9 +302,11 @@ class _Payload:
         pieces = self.pieces
         end = text.endswith(b"\n")
         pieces += (head, text) if end else (head, text, b"\n")
-        if beyond is not None or not head.isascii():
-            counts = Counter(beyond.decode("utf-8")) if beyond is not None else Counter()
-            self.beyond_ascii[index] = counts + non_ascii_counts(head) if not head.isascii() else counts
+        if not head.isascii():  # no ASCII byte is part of a longer UTF-8 sequence: deleting them
+            # leaves the UTF-8 of exactly the characters past U+007F
+            self.beyond_ascii[index] = head.translate(None, _ASCII) + (beyond or b"")
+        elif beyond is not None:
+            self.beyond_ascii[index] = beyond
         self._pending += len(head) + len(text) + (not end)
         if self._file is not None and self._pending >= FLUSH_BYTES:
             self._flush()
