@@ -84,7 +84,7 @@ def plot_losses(run: RunView, metrics: Sequence[MetricPoint]) -> bytes:
     for field, style, label in (("train_loss", "-", "train"), ("val_loss", "o-", "validation")):
         points = sorted((m.step, getattr(m, field)) for m in metrics if getattr(m, field) is not None)
         if points:
-            ax.plot(*zip(*points), style, label=label, markersize=4)
+            ax.plot(*zip(*points, strict=True), style, label=label, markersize=4)
     if ax.lines:
         ax.legend()
     else:

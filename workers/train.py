@@ -294,7 +294,7 @@ class Trainer:
         steps = [s for s, _ in self._unchecked]
         values = torch.stack([v for _, v in self._unchecked]).tolist()
         self._unchecked.clear()
-        for step, value in zip(steps, values):
+        for step, value in zip(steps, values, strict=True):
             if not math.isfinite(value):
                 raise TrainingError(
                     f"training diverged at step {step}: loss {value} (lower learning_rate or grad_clip)"
