@@ -16,7 +16,7 @@ os.environ.pop("CHARFORGE_HOME", None)
 os.environ.pop("RAY_ADDRESS", None)
 os.environ["CHARFORGE_ENV_FILE"] = os.devnull
 
-pytest_plugins: list[str] = ["tests.services", "tests.gitserver"]
+pytest_plugins: list[str] = ["tests.services", "tests.seaweedfs", "tests.gitserver"]
 
 
 @pytest.fixture(scope="module")

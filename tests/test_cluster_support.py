@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from tests.services import S3_ACCESS_KEY, S3_SECRET_KEY
+from tests.seaweedfs import S3_ACCESS_KEY, S3_SECRET_KEY
 
 ACCEL = "accel"
 S3_ENV = {

@@ -226,7 +226,7 @@ def test_s3_destination_on_seaweedfs(request, world):
     try:
         s3 = request.getfixturevalue("s3_storage")
     except pytest.FixtureLookupError:
-        pytest.skip("the SeaweedFS fixtures (tests/services.py) are not loaded in this suite")
+        pytest.skip("the SeaweedFS fixtures (tests/seaweedfs.py) are not loaded in this suite")
     storage, runs = world
     dest = f"s3://{s3.bucket}/{s3.prefix}export.tar.gz"
     result = export_runs(runs[:1], storage, dest, out_storage_factory=lambda url: type(s3)(

@@ -10,7 +10,8 @@ import psutil
 import pytest
 
 from orchestrator.settings import load_settings
-from tests.services import PostgresDatabases, SeaweedFS, service_missing
+from tests.seaweedfs import SeaweedFS
+from tests.services import PostgresDatabases, service_missing
 from workers.s3 import S3Storage
 
 # What weed would listen on if a flag were forgotten (weed mini -h).

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from schemas.errors import ArtifactNotFound, StorageError, StorageUnavailable
-from tests.services import SeaweedFS, use_s3_env
+from tests.seaweedfs import SeaweedFS, use_s3_env
 from workers.s3 import S3Storage
 from workers.storage import LocalStorage, ObjectInfo, Storage, check_key, open_storage
 
