@@ -162,3 +162,10 @@ def test_a_rebuild_replaces_the_old_outputs_and_leaves_no_temporaries(tmp_path, 
     assert json.loads(manifest.read_text())["files"][0]["path"] == "a.py"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c.txt", "c.txt.manifest.json", "src"]
     assert calls == ([True, True] if exchange else [])
+
+
+def test_exchange_gives_way_to_a_plain_rename_where_it_cannot_be_done(tmp_path):
+    (tmp_path / "new").write_text("new")
+    assert not scratch._exchange(tmp_path / "new", tmp_path / "gone")  # the old output went away
+    with pytest.raises(OSError):
+        scratch._exchange(tmp_path / "missing", tmp_path / "new")

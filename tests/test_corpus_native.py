@@ -160,6 +160,46 @@ def test_sink_errors(native, tmp_path):
         native.Sink(-1).write([b"x", "not bytes"], new_counts())
     with pytest.raises(ValueError, match="256 64-bit"):
         native.Sink(-1).write([b"x"], array("q", bytes(8)))
+    bare = native.Sink.__new__(native.Sink)  # never initialised: an error, not a crash
+    with pytest.raises(RuntimeError, match="not called"):
+        bare.write([b"x"], new_counts())
+    with pytest.raises(RuntimeError, match="not called"):
+        bare.hexdigest()
+
+
+_NO_LIBCRYPTO = """
+import sys
+sys.modules["_hashlib"] = sys.modules["_ssl"] = None  # hashlib falls back to its own sha256
+from pathlib import Path
+from schemas.corpus import CorpusConfig
+from workers.corpus import build_corpus_file, streams
+from workers.corpus.textscan import NATIVE
+assert NATIVE and "libcrypto" not in Path("/proc/self/maps").read_text(), "libcrypto is loaded"
+assert type(streams._sink(None)).__name__ == "_PySink"
+build_corpus_file([sys.argv[1]], CorpusConfig(), Path(sys.argv[2]), git_base_url="git://unused/", jobs=1)
+"""
+
+
+@pytest.mark.timeout(120)
+def test_without_a_loaded_libcrypto_the_c_reader_and_the_writer_use_hashlib(native, tmp_path):
+    """A Python whose OpenSSL is linked in statically has no libcrypto for the C code to borrow:
+    the reader leaves the hashing to hashlib and the writer uses its Python sink."""
+    folder = tmp_path / "src"
+    write_files(folder, {**hostile_files(), "deep/é.py": "s = 'ß'\n"})
+    write_files(folder, {f"many/{i:03}.c": f"int f{i}(void) {{ return {i % 7}; }}\n" for i in range(50)})
+    normal, without = tmp_path / "c.txt", tmp_path / "no-crypto.txt"
+    build_corpus_file([str(folder)], CorpusConfig(), normal, git_base_url="git://unused/", jobs=1)
+    subprocess.run([sys.executable, "-c", _NO_LIBCRYPTO, str(folder), str(without)], check=True, cwd=ROOT)
+    assert without.read_bytes() == normal.read_bytes()
+    assert Path(f"{without}.manifest.json").read_bytes() == Path(f"{normal}.manifest.json").read_bytes()
+
+
+def test_a_module_built_from_other_sources_is_not_used(native, monkeypatch):
+    """An in-place build not redone after the C sources changed: the pure-Python code runs."""
+    monkeypatch.setattr(native, "API_VERSION", native.API_VERSION - 1)
+    assert native_module() is None
+    monkeypatch.undo()
+    assert native_module() is native
 
 
 MAX = 20_000  # max_file_bytes for the reading tests
@@ -292,6 +332,7 @@ def test_read_ahead_raises_the_readers_error_and_stops_when_left_half_way(native
         # ... and the build stops here: the reader is blocked on a full queue; close() ends it.
     finally:
         ahead.close()
+        ahead.close()  # again: nothing to wait for
         reader.close()
     assert not [t for t in threading.enumerate() if t.name == "corpus-reader"]
 

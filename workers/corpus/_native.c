@@ -24,6 +24,10 @@
 #endif
 #endif
 
+/* What textscan.native_module expects: a module built from older sources (an in-place build not
+ * redone) is not used. Bump it with every change of the functions' signatures or results. */
+#define API_VERSION 2
+
 #define GIL_FREE_BYTES 65536 /* below this, releasing the GIL costs more than it lets run */
 
 static void count_into(const unsigned char *p, Py_ssize_t n, uint32_t t[4][256])
@@ -263,7 +267,6 @@ typedef const void *(*md_fn)(void);
 typedef int (*digest_fn)(const void *, size_t, unsigned char *, unsigned int *, const void *, void *);
 static digest_fn evp_digest;
 static const void *evp_sha256;
-static int crypto_looked_up;
 /* Incremental hashing, for Sink (EVP_MD_CTX is opaque: only pointers to it). */
 static void *(*ctx_new)(void);
 static void (*ctx_free)(void *);
@@ -275,7 +278,6 @@ static int (*digest_final)(void *, unsigned char *, unsigned int *);
 static void find_crypto(void)
 {
     static const char *names[] = {"libcrypto.so.3", "libcrypto.so.1.1", "libcrypto.3.dylib", "libcrypto.so", NULL};
-    crypto_looked_up = 1;
     for (int i = 0; names[i]; i++) {
         void *lib = dlopen(names[i], RTLD_NOW | RTLD_NOLOAD);
         if (!lib)
@@ -481,7 +483,7 @@ static PyObject *read_files(PyObject *self, PyObject *args)
     }
     const unsigned char *flags = probe.buf;
     Py_ssize_t count = 0;
-    if (!crypto_looked_up)
+    if (!evp_digest) /* looked up again while not found: hashlib may load it later */
         find_crypto();
     long long total = 0, limit = max_bytes + 1;
     Py_BEGIN_ALLOW_THREADS
@@ -565,7 +567,7 @@ static int sink_init(Sink *self, PyObject *args, PyObject *kwds)
     static char *kwlist[] = {"fd", NULL};
     if (!PyArg_ParseTupleAndKeywords(args, kwds, "i:Sink", kwlist, &self->fd))
         return -1;
-    if (!crypto_looked_up)
+    if (!evp_digest) /* looked up again while not found: hashlib may load it later */
         find_crypto();
     if (self->ctx == NULL) {
         if (!ctx_new || !ctx_free || !ctx_copy || !digest_init || !digest_update || !digest_final
@@ -601,6 +603,8 @@ static int write_all(int fd, struct iovec *iov, int n)
                 continue;
             return errno;
         }
+        if (got == 0) /* no progress: never loop on it */
+            return EIO;
         while (n > 0 && (size_t)got >= iov->iov_len) {
             got -= (ssize_t)iov->iov_len;
             iov++;
@@ -627,14 +631,22 @@ static PyObject *sink_write(Sink *self, PyObject *args)
         PyErr_SetString(PyExc_ValueError, "counts must be 256 64-bit integers");
         return NULL;
     }
-    Py_ssize_t n = PyList_GET_SIZE(pieces), got = 0;
-    Py_buffer *views = PyMem_Calloc((size_t)(n ? n : 1), sizeof *views);
-    if (!views) {
+    if (!self->ctx) {
         PyBuffer_Release(&counts);
-        return PyErr_NoMemory();
+        PyErr_SetString(PyExc_RuntimeError, "Sink.__init__ was not called");
+        return NULL;
+    }
+    /* A tuple: a piece's buffer export must not be able to change the list under us. */
+    PyObject *held = PyList_AsTuple(pieces);
+    Py_ssize_t n = held ? PyTuple_GET_SIZE(held) : 0, got = 0;
+    Py_buffer *views = held ? PyMem_Calloc((size_t)(n ? n : 1), sizeof *views) : NULL;
+    if (!views) {
+        Py_XDECREF(held);
+        PyBuffer_Release(&counts);
+        return PyErr_Occurred() ? NULL : PyErr_NoMemory();
     }
     for (; got < n; got++)
-        if (PyObject_GetBuffer(PyList_GET_ITEM(pieces, got), &views[got], PyBUF_SIMPLE) < 0)
+        if (PyObject_GetBuffer(PyTuple_GET_ITEM(held, got), &views[got], PyBUF_SIMPLE) < 0)
             break;
     int err = 0, hash_failed = 0;
     if (got == n) {
@@ -683,9 +695,12 @@ static PyObject *sink_write(Sink *self, PyObject *args)
     for (Py_ssize_t i = 0; i < got; i++)
         PyBuffer_Release(&views[i]);
     PyMem_Free(views);
+    Py_DECREF(held);
     PyBuffer_Release(&counts);
     if (got < n)
         return NULL;
+    if (err == ENOMEM)
+        return PyErr_NoMemory();
     if (err) {
         errno = err;
         return PyErr_SetFromErrno(PyExc_OSError);
@@ -700,6 +715,10 @@ static PyObject *sink_write(Sink *self, PyObject *args)
 /* Sink.hexdigest(): the sha256 of everything written so far. */
 static PyObject *sink_hexdigest(Sink *self, PyObject *unused)
 {
+    if (!self->ctx) {
+        PyErr_SetString(PyExc_RuntimeError, "Sink.__init__ was not called");
+        return NULL;
+    }
     unsigned char md[32];
     unsigned int len = 0;
     char hex[65];
@@ -767,7 +786,8 @@ PyMODINIT_FUNC PyInit__native(void)
     if (PyType_Ready(&SinkType) < 0)
         return NULL;
     PyObject *m = PyModule_Create(&module);
-    if (m && PyModule_AddObjectRef(m, "Sink", (PyObject *)&SinkType) < 0)
+    if (m && (PyModule_AddObjectRef(m, "Sink", (PyObject *)&SinkType) < 0
+              || PyModule_AddIntConstant(m, "API_VERSION", API_VERSION) < 0))
         Py_CLEAR(m);
     return m;
 }

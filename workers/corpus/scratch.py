@@ -191,4 +191,6 @@ def _exchange(a: Path, b: Path) -> bool:
     err = ctypes.get_errno()
     if err in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EPERM):  # no such rename here
         return False
+    if err == errno.ENOENT and os.path.exists(a):  # `b` went away meanwhile: a plain rename will do
+        return False
     raise OSError(err, os.strerror(err), str(b))

@@ -148,14 +148,19 @@ def _sink(out: IO[bytes] | None) -> Any:
     native = native_module()
     if native is None:
         return _PySink(out)
-    if out is None:
-        return native.Sink(-1)
+    fd = -1
+    if out is not None:
+        try:
+            fd = out.fileno()
+        except (AttributeError, OSError, ValueError):  # io.UnsupportedOperation is both of the last two
+            return _PySink(out)
     try:
-        fd = out.fileno()
-    except (AttributeError, OSError, ValueError):  # io.UnsupportedOperation is both of the last two
+        sink = native.Sink(fd)
+    except RuntimeError:  # no libcrypto loaded (OpenSSL linked into Python statically): hashlib
         return _PySink(out)
-    out.flush()  # the sink writes to the descriptor, past the file object's buffer
-    return native.Sink(fd)
+    if out is not None:
+        out.flush()  # the sink writes to the descriptor, past the file object's buffer
+    return sink
 
 
 class Parts:
@@ -244,7 +249,9 @@ class ReadAhead:
             self._out.put(self._CLOSED)
 
     def close(self) -> None:
-        """Stop reading and wait for the thread (also when the build stopped half-way)."""
+        """Stop reading and wait for the thread (also when the build stopped half-way); again: nothing."""
+        if self._stop:
+            return
         self._stop = True
         self._jobs.put(None)
         while self._out.get() is not self._CLOSED:  # a reading waiting for room goes on, and ends

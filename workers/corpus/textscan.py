@@ -1,9 +1,10 @@
 """Scans of corpus text that run over every byte: a byte histogram, the longest-line check, and
 the flags a file's verdict needs (`text_flags`).
 
-Both come from the C extension `_native` (workers/corpus/_native.c, built by `pip install`: see
+All come from the C extension `_native` (workers/corpus/_native.c, built by `pip install`: see
 setup.py) when it is there: on the bench tree the histogram runs at ~0.7 GB/s in numpy and
-~1.4 GB/s in C, and the line check costs a Python loop step per window here. Without a
+~2 GB/s in C, the flags at ~10 GB/s in C, and the line check costs a Python loop step per
+window here. Without a
 compiler the install goes on, and these pure-Python versions give the same answers (the tests
 hold both to it). CHARFORGE_NO_NATIVE=1 turns the extension off (worker processes inherit it).
 """
@@ -14,16 +15,19 @@ import os
 from array import array
 from types import ModuleType
 
+NATIVE_API = 2  # the _native.API_VERSION these sources were written for
+
 
 def native_module() -> ModuleType | None:
-    """The C extension, or None when it was not built or CHARFORGE_NO_NATIVE=1 turns it off."""
+    """The C extension, or None when it was not built, was built from other sources (an in-place
+    build not redone: see scripts/install), or CHARFORGE_NO_NATIVE=1 turns it off."""
     if os.environ.get("CHARFORGE_NO_NATIVE", "") not in ("", "0"):
         return None
     try:
         from workers.corpus import _native
     except ImportError:  # not compiled: see setup.py
         return None
-    return _native
+    return _native if getattr(_native, "API_VERSION", None) == NATIVE_API else None
 
 
 _native = native_module()
