@@ -2,11 +2,15 @@
 extension `workers.corpus._native`. `optional=True`: without a C compiler the install goes on,
 and the corpus builder uses the pure-Python scans of workers/corpus/textscan.py instead."""
 
+from glob import glob
+
 from setuptools import Extension, setup
+
+NATIVE = "workers/corpus/native"
 
 setup(
     ext_modules=[
-        Extension("workers.corpus._native", ["workers/corpus/_native.c"], optional=True,
-                  extra_compile_args=["-O2"]),
+        Extension("workers.corpus._native", sorted(glob(f"{NATIVE}/*.c")), depends=[f"{NATIVE}/native.h"],
+                  optional=True, extra_compile_args=["-O2", "-fvisibility=hidden"]),
     ],
 )

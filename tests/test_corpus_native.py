@@ -1,4 +1,4 @@
-"""The corpus builder's C extension (workers/corpus/_native.c) against the Python it stands in
+"""The corpus builder's C extension (workers/corpus/native/) against the Python it stands in
 for: the same byte counts, the same long-line verdicts, the same readings of hostile paths (links
 anywhere on the path, a FIFO, a directory, sizes around the probe), and the same corpus and
 manifest from a whole build. Also the threads and part files that carry the bytes (streams.py).
@@ -60,7 +60,7 @@ def native():
     module = native_module()
     if module is None:
         if os.environ.get("CHARFORGE_REQUIRE_NATIVE") == "1":
-            pytest.fail("the C extension workers.corpus._native is not built: run scripts/install")
+            pytest.fail("the C extension workers.corpus._native is not built (or was built from other sources): run scripts/install")
         pytest.skip("the C extension workers.corpus._native is off (not built, or CHARFORGE_NO_NATIVE=1)")
     return module
 

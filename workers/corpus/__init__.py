@@ -7,8 +7,8 @@ files follow each other in the text: headers), `builder` (the ordered, bounded-m
 `streams` (its reader and writer threads, and the workers' part files), `pool` (the worker
 processes, where they pay), `manifest` (the record of it all), `scratch` (temporary files a
 killed build cannot leak) and `stage` (the pipeline stages and the CLI's build/inspect).
-`_native.c` is the optional C extension behind `reading` and `textscan` (byte counts, the
-long-line check). See docs/corpus.md.
+`native/` holds the optional C extension (`_native`) behind `reading`, `textscan` and `streams`
+(reading, hashing and scanning files; writing the corpus). See docs/corpus.md.
 
 Names are imported lazily: worker processes import `workers.corpus.content` only, and should not
 pay for storage, git and pydantic models they never use.
