@@ -312,6 +312,11 @@ def test_dockerfile_installs_the_project_and_its_dependencies(tmp_path: Path) ->
     assert out.stdout.split("\n")[:-1] == expected
     ignored = (ROOT / ".dockerignore").read_text().split()
     assert {".env", ".git", ".venv"} <= set(ignored)
+    # The corpus builder's C extension: a compiler for the install, and a check that it was built,
+    # run where the installed package (not /src) is what imports.
+    install = dockerfile[dockerfile.index("COPY . /src"):]
+    assert install.index("install -y --no-install-recommends gcc") < install.index("pip install --no-cache-dir --no-deps /src")
+    assert "cd / && python -c \"from workers.corpus.textscan import NATIVE; assert NATIVE" in install
 
 
 # --- deploy/gpu_worker.py: one GPU per replica -------------------------------------------------
