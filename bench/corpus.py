@@ -173,16 +173,9 @@ def main() -> None:
         print(f"tree: {tree}  cores: {os.cpu_count()}  builder jobs: {jobs}  load: {os.getloadavg()[0]:.1f}")
         timed_shell(f"find {q(tree)} -type f -print0 | xargs -0 cat > /dev/null")  # warm the cache
 
-        xargs_out = work / "xargs.txt"
-        xargs_wall = min(timed_shell(f"find {q(tree)} -name '*.py' -print0 | xargs -0 cat > {q(xargs_out)}")
-                         for _ in range(args.repeat))
-        xargs_bytes = xargs_out.stat().st_size
-        xargs_out.unlink()
-
+        xargs_wall, xargs_bytes = xargs_baseline(tree, work, args.repeat)
         runs = [run_builder(tree, work / f"corpus-{i}.txt", jobs, sample=False) for i in range(args.repeat)]
         best = min(runs, key=lambda r: r["wall"])
-        floor = run_floor(tree, work / "corpus-0.txt.manifest.json", work / "floor.txt", args.repeat) \
-            if best["native"] else None
         for i in range(args.repeat):
             (work / f"corpus-{i}.txt").unlink(missing_ok=True)
         sampled = run_builder(tree, work / "corpus-sampled.txt", jobs)
@@ -197,11 +190,9 @@ def main() -> None:
         print(f"xargs cat *.py: {mb(xargs_bytes)} in {xargs_wall:.2f} s = {mb(xargs_bytes / xargs_wall)}/s")
         fraction = (best["bytes"] / best["wall"]) / (xargs_bytes / xargs_wall)
         print(f"throughput vs raw xargs cat: {fraction:.0%} (goal >= 50%)")
-        if floor:
-            rate = floor["bytes"] / floor["wall"]
-            print(f"C byte work alone, one thread (the kept files read, hashed and scanned; their text hashed, "
-                  f"counted, written): {floor['wall']:.2f} s for {mb(floor['bytes'])} = {mb(rate)}/s, "
-                  f"{rate / (xargs_bytes / xargs_wall):.0%} of xargs cat; the builder takes {best['wall'] / floor['wall']:.2f}x that")
+        if best["native"]:
+            floor_line(tree, work / "corpus-0.txt.manifest.json", work, args.repeat, best["wall"],
+                       xargs_bytes / xargs_wall)
         without_native(tree, work, jobs, args.repeat, best["wall"], best["bytes"] / (xargs_bytes / xargs_wall))
         if not args.no_exec:
             exec_out = work / "exec.txt"
@@ -215,6 +206,25 @@ def main() -> None:
             double_check(tree, work, jobs, sampled)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def xargs_baseline(tree: Path, work: Path, repeat: int) -> tuple[float, int]:
+    """`find DIR -name '*.py' -print0 | xargs -0 cat` into a file: best wall of `repeat`, bytes."""
+    out = work / "xargs.txt"
+    wall = min(timed_shell(f"find {q(tree)} -name '*.py' -print0 | xargs -0 cat > {q(out)}") for _ in range(repeat))
+    size = out.stat().st_size
+    out.unlink()
+    return wall, size
+
+
+def floor_line(tree: Path, manifest: Path, work: Path, repeat: int, wall: float, xargs_rate: float) -> None:
+    """The C byte work alone on the files of a build's `manifest`, against `xargs cat`'s rate and
+    the builder's `wall`."""
+    floor = run_floor(tree, manifest, work / "floor.txt", repeat)
+    rate = floor["bytes"] / floor["wall"]
+    print(f"C byte work alone, one thread (the kept files read, hashed and scanned; their text hashed, "
+          f"counted, written): {floor['wall']:.2f} s for {mb(floor['bytes'])} = {mb(rate)}/s, "
+          f"{rate / xargs_rate:.0%} of xargs cat; the builder takes {wall / floor['wall']:.2f}x that")
 
 
 def without_native(tree: Path, work: Path, jobs: int, repeat: int, wall: float, xargs_seconds: float) -> None:
