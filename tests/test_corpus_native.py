@@ -27,7 +27,7 @@ import pytest
 from schemas.corpus import CorpusConfig
 from schemas.errors import CorpusError
 from tests.gitserver import Symlink, hostile_files, write_files
-from workers.corpus import build_corpus_file, content
+from workers.corpus import build_corpus_file, content, payload
 from workers.corpus.content import Item, Rules, Task, examine_batch
 from workers.corpus.reading import (
     NOT_REGULAR,
@@ -343,11 +343,11 @@ def test_part_files_are_copied_in_order_and_deleted_once_copied(tmp_path, monkey
     src, parts_dir = tmp_path / "src", tmp_path / "parts"
     write_files(src, {f"f{i}.py": f"x{i} = {'1' * i}\n" for i in range(6)})
     parts_dir.mkdir()
-    monkeypatch.setattr(content, "PART_BYTES", 1)  # every batch in a part file of its own
-    monkeypatch.setattr(content._PartFile, "current", None)
+    monkeypatch.setattr(payload, "PART_BYTES", 1)  # every batch in a part file of its own
+    monkeypatch.setattr(payload.PartFile, "current", None)
     task = Task(str(src), "", 0, Rules.of(CorpusConfig()), str(parts_dir))
     results = [examine_batch(task, [Item(f"f{i}.py", None), Item(f"f{i + 1}.py", None)]) for i in (0, 2, 4)]
-    os.close(content._PartFile.current.fd)  # what the worker's exit does
+    os.close(payload.PartFile.current.fd)  # what the worker's exit does
     assert len({r.part.path for r in results}) == 3 and all(r.payload == [] for r in results)
     sink = io.BytesIO()
     writer = Writer(sink)

@@ -4,7 +4,8 @@ Modules, in the order data flows: `sources` (a link-proof sorted walk, and what 
 paths), `paths` (decisions from a path alone), `reading` (files opened beneath the root, links
 refused by the kernel), `content` (decisions from the bytes, run on every core), `layout` (how
 files follow each other in the text: headers), `builder` (the ordered, bounded-memory pipeline),
-`streams` (its reader and writer threads, and the workers' part files), `pool` (the worker
+`payload` (a batch's text, in memory or in a worker's part file), `streams` (its reader and
+writer threads, and the builder's side of the part files), `pool` (the worker
 processes, where they pay), `manifest` (the record of it all), `scratch` (temporary files a
 killed build cannot leak) and `stage` (the pipeline stages and the CLI's build/inspect).
 `native/` holds the optional C extension (`_native`) behind `reading`, `textscan` and `streams`

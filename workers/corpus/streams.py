@@ -2,7 +2,7 @@
 
 - `Writer`: the corpus file, written (and hashed, and its bytes counted) on a thread of its own;
   it also copies the text of pool batches from the workers' part files.
-- `Parts`: the builder's side of those part files (content._PartFile is the workers' side).
+- `Parts`: the builder's side of those part files (`payload.PartFile` is the workers' side).
 - `ReadAhead`: the next files read on a thread of its own while the builder judges the last
   (`ReadInline`: the same, read in the builder's thread, without the C reader).
 """
