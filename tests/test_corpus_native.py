@@ -353,7 +353,7 @@ def test_part_files_are_copied_in_order_and_deleted_once_copied(tmp_path, monkey
     writer = Writer(sink)
     parts = Parts(parts_dir, writer)
     for r in results:
-        writer.copy(parts.fd(r.part.path), r.part.offset, r.part.length)
+        writer.write_all([(parts.fd(r.part.path), r.part.offset, r.part.length)])
     sha = writer.close()
     assert sorted(os.listdir(parts_dir)) == [os.path.basename(results[-1].part.path)]  # still open
     parts.close()
@@ -367,7 +367,7 @@ def test_a_part_file_shorter_than_its_batch_fails_the_build(tmp_path):
     part.write_bytes(b"abc")
     writer = Writer(io.BytesIO())
     parts = Parts(tmp_path, writer)
-    writer.copy(parts.fd(str(part)), 0, 10)
+    writer.write_all([(parts.fd(str(part)), 0, 10)])
     with pytest.raises(CorpusError, match="ended 7 bytes early"):
         writer.close()
     parts.close()

@@ -47,29 +47,21 @@ class Writer:
     def __init__(self, out: IO[bytes] | None) -> None:
         self._out = _sink(out)
         self.counts = new_counts()  # of each byte value written
-        self._queue: queue.Queue[Piece | list[Piece] | Callable[[], None] | None] = queue.Queue(QUEUED_WRITES)
+        self._queue: queue.Queue[list[Piece] | Callable[[], None] | None] = queue.Queue(QUEUED_WRITES)
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="corpus-writer", daemon=True)
         self._thread.start()
 
-    def _put(self, item: Piece | list[Piece] | Callable[[], None]) -> None:
+    def _put(self, item: list[Piece] | Callable[[], None]) -> None:
         if self._error is not None:
             raise self._error
         self._queue.put(item)
 
-    def write(self, text: bytes | memoryview) -> None:
-        if text:
-            self._put(text)
-
-    def copy(self, fd: int, offset: int, length: int) -> None:
-        """`length` bytes of the open file `fd` from `offset` on."""
-        if length:
-            self._put((fd, offset, length))
-
     def write_all(self, pieces: list[Piece]) -> None:
-        """Several texts or copies (`copy`'s arguments as a tuple), in order, queued as one: a
-        batch with duplicates in it is many runs of text, and a queue item each would make the
-        builder's thread wait for the writer's, run after run."""
+        """Texts, and copies of part files (`(fd, offset, length)`: `length` bytes of the open
+        file `fd` from `offset` on), in order, queued as one item: a batch with duplicates in it
+        is many runs of text, and a queue item each would make the builder's thread wait for the
+        writer's, run after run."""
         if pieces:
             self._put(pieces)
 
@@ -80,12 +72,12 @@ class Writer:
     def _run(self) -> None:
         buffer = memoryview(bytearray(COPY_BYTES))
         while (item := self._queue.get()) is not None:
-            if self._error is None:  # after an error, only drain: a waiting `write` never blocks
+            if self._error is None:  # after an error, only drain: a waiting `write_all` never blocks
                 try:
                     if callable(item):
                         item()
                     else:
-                        self._pieces(buffer, item if type(item) is list else [item])  # type: ignore[list-item]
+                        self._pieces(buffer, item)
                 except BaseException as exc:  # noqa: BLE001 - raised again in the builder's thread
                     self._error = exc
 
