@@ -17,7 +17,7 @@ from array import array
 from collections import deque
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, Protocol
 
 from schemas.errors import CorpusError
 from workers.corpus.content import read_slices
@@ -114,6 +114,14 @@ class Writer:
         return self._out.hexdigest()
 
 
+class _Sink(Protocol):
+    """What the writer writes through: `_native.Sink` or `_PySink`."""
+
+    def write(self, pieces: list[bytes | memoryview], counts: array[int]) -> None: ...
+
+    def hexdigest(self) -> str: ...
+
+
 class _PySink:
     """`_native.Sink` in Python (without the C extension, or for a file object with no
     descriptor): a batch's pieces joined, then hashed, counted and written (`out` None: not
@@ -133,7 +141,7 @@ class _PySink:
         return self._hash.hexdigest()
 
 
-def _sink(out: IO[bytes] | None) -> Any:
+def _sink(out: IO[bytes] | None) -> _Sink:
     """Where the writer's bytes go: the C sink (hashing, counting and writing each batch in one
     call that holds no GIL) for a file with a descriptor, or for none (`out` None: hash and
     count only, as `inspect` does); `_PySink` otherwise."""
