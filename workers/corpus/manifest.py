@@ -87,8 +87,8 @@ class ManifestWriter:
             fh.seek(0)
             separator = b""
             # A megabyte of records at a time; each is one line (JSON escapes every newline).
-            while lines := fh.readlines(1 << 20):
-                out.write(separator + "".join(lines)[:-1].replace("\n", ",\n").encode("utf-8"))
+            while records := fh.readlines(1 << 20):
+                out.write(separator + "".join(records)[:-1].replace("\n", ",\n").encode("utf-8"))
                 separator = b",\n"
             out.write(b"\n ]")
         out.write(b"\n}\n")
