@@ -11,6 +11,7 @@ import pytest
 from orchestrator.settings import load_settings
 from orchestrator.store import RunStore
 from tests.gitserver import source_files
+from tests.settings import use_embedded
 from tests.test_pipeline import invoke, submit_json
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("local_ray")]
@@ -19,9 +20,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("local_ray")]
 @pytest.fixture(scope="module")
 def home(tmp_path_factory, git_server):
     patch = pytest.MonkeyPatch()
-    patch.setenv("CHARFORGE_HOME", str(tmp_path_factory.mktemp("home")))
-    patch.setenv("CHARFORGE_GIT_BASE_URL", git_server.base_url)
-    patch.setenv("CHARFORGE_TRAIN_CPUS", "1")
+    use_embedded(patch, tmp_path_factory.mktemp("home"), git_server.base_url)
     yield patch
     patch.undo()
 

@@ -26,6 +26,7 @@ from schemas.models import Run, utcnow
 from schemas.run import build_run_spec
 from schemas.status import TERMINAL, RunStatus, Stage
 from tests.gitserver import source_files
+from tests.settings import use_embedded
 from tests.test_cluster_support import (
     ACCEL,
     GitTarpit,
@@ -41,11 +42,9 @@ pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 @pytest.fixture
 def env(tmp_path, git_server, monkeypatch, ray_cluster):
     """A fresh store (SQLite) and storage (a directory every node sees) for each test."""
-    monkeypatch.setenv("CHARFORGE_HOME", str(tmp_path / "home"))
+    use_embedded(monkeypatch, tmp_path / "home", git_server.base_url)
     monkeypatch.setenv("CHARFORGE_STORAGE_URL", (tmp_path / "store").as_uri())
-    monkeypatch.setenv("CHARFORGE_GIT_BASE_URL", git_server.base_url)
     monkeypatch.setenv("CHARFORGE_ACCELERATOR", "accel")
-    monkeypatch.setenv("CHARFORGE_TRAIN_CPUS", "1")
     monkeypatch.setenv("CHARFORGE_RETRY_BACKOFF", "0.2")
     monkeypatch.setenv("CHARFORGE_HEARTBEAT_TIMEOUT", "4")
     monkeypatch.setenv("CHARFORGE_MAX_CONCURRENT", "6")

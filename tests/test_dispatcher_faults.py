@@ -20,6 +20,7 @@ from schemas.models import Run
 from schemas.run import build_run_spec
 from schemas.status import TERMINAL, RunStatus
 from tests.gitserver import source_files
+from tests.settings import use_embedded
 from tests.test_pipeline import invoke
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("local_ray")]
@@ -27,9 +28,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("local_ray")]
 
 @pytest.fixture
 def setup(tmp_path, git_server, monkeypatch):
-    monkeypatch.setenv("CHARFORGE_HOME", str(tmp_path / "home"))
-    monkeypatch.setenv("CHARFORGE_GIT_BASE_URL", git_server.base_url)
-    monkeypatch.setenv("CHARFORGE_TRAIN_CPUS", "1")
+    use_embedded(monkeypatch, tmp_path / "home", git_server.base_url)
     cfg = load_settings()
     store = RunStore(cfg.database_url, migrate=True)
     name = git_server.unique("acme/faults")

@@ -20,6 +20,7 @@ from orchestrator.store import RunStore
 from schemas.run import build_run_spec
 from schemas.status import RunStatus, Stage
 from tests.gitserver import source_files
+from tests.settings import use_embedded
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("local_ray")]
 
@@ -27,9 +28,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("local_ray")]
 @pytest.fixture
 def env(tmp_path, git_server, monkeypatch):
     """The embedded default under a temporary CHARFORGE_HOME, resolving owner/name on our daemon."""
-    monkeypatch.setenv("CHARFORGE_HOME", str(tmp_path / "home"))
-    monkeypatch.setenv("CHARFORGE_GIT_BASE_URL", git_server.base_url)
-    monkeypatch.setenv("CHARFORGE_TRAIN_CPUS", "1")
+    use_embedded(monkeypatch, tmp_path / "home", git_server.base_url)
     monkeypatch.setenv("CHARFORGE_RETRY_BACKOFF", "0.2")
     return monkeypatch
 

@@ -15,6 +15,7 @@ from orchestrator import ray_runtime
 from orchestrator.settings import load_settings
 from tests.gitserver import source_files
 from tests.services import PostgresDatabases
+from tests.settings import use_embedded
 from tests.test_pipeline import _check_succeeded_run, invoke, submit_json
 
 pytestmark = [pytest.mark.slow, pytest.mark.postgres, pytest.mark.s3]
@@ -27,9 +28,7 @@ def services_env(seaweedfs, git_server, tmp_path_factory):
     for key, value in seaweedfs.env(seaweedfs.storage_url("pipeline")).items():
         patch.setenv(key, value)
     patch.setenv("CHARFORGE_DATABASE_URL", databases.create())
-    patch.setenv("CHARFORGE_HOME", str(tmp_path_factory.mktemp("home")))
-    patch.setenv("CHARFORGE_GIT_BASE_URL", git_server.base_url)
-    patch.setenv("CHARFORGE_TRAIN_CPUS", "1")
+    use_embedded(patch, tmp_path_factory.mktemp("home"), git_server.base_url)
     started = ray_runtime.connect(None, num_cpus=2)
     yield
     if started:
