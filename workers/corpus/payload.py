@@ -8,9 +8,10 @@ from __future__ import annotations
 import os
 from typing import NamedTuple
 
+from workers.corpus.textscan import ASCII_BYTES
+
 FLUSH_BYTES = 1 << 20  # a pool worker writes a batch's text out this much at a time
 PART_BYTES = 64 << 20  # ... to a part file that is replaced by a new one past this size
-_ASCII = bytes(range(128))  # deleted from UTF-8 text, they leave its other characters whole
 
 
 class PartRef(NamedTuple):
@@ -77,7 +78,7 @@ class Payload:
         pieces += (head, text) if end else (head, text, b"\n")
         if not head.isascii():  # no ASCII byte is part of a longer UTF-8 sequence: deleting them
             # leaves the UTF-8 of exactly the characters past U+007F
-            self.beyond_ascii[index] = head.translate(None, _ASCII) + (beyond or b"")
+            self.beyond_ascii[index] = head.translate(None, ASCII_BYTES) + (beyond or b"")
         elif beyond is not None:
             self.beyond_ascii[index] = beyond
         self._pending += len(head) + len(text) + (not end)

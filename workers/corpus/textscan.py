@@ -1,12 +1,11 @@
-"""Scans of corpus text that run over every byte: a byte histogram, the longest-line check, and
-the flags a file's verdict needs (`text_flags`).
+"""Scans of corpus text that run over every byte: a byte histogram (`count_bytes`), and the flags
+a file's verdict needs (`text_flags`: NUL, encoding, CR, a line too long, whitespace only).
 
-All come from the C extension `_native` (workers/corpus/native/, built by `pip install`: see
+Both come from the C extension `_native` (workers/corpus/native/, built by `pip install`: see
 setup.py) when it is there: on the bench tree the histogram runs at ~0.7 GB/s in numpy and
-~2 GB/s in C, the flags at ~10 GB/s in C, and the line check costs a Python loop step per
-window here. Without a
-compiler the install goes on, and these pure-Python versions give the same answers (the tests
-hold both to it). CHARFORGE_NO_NATIVE=1 turns the extension off (worker processes inherit it).
+~2 GB/s in C, the flags at ~10 GB/s in C (the long-line check alone costs a Python loop step per
+window here). Without a compiler the install goes on, and these pure-Python versions give the
+same answers (the tests hold both to it). CHARFORGE_NO_NATIVE=1 turns the extension off (worker processes inherit it).
 """
 
 from __future__ import annotations
@@ -15,7 +14,7 @@ import os
 from array import array
 from types import ModuleType
 
-NATIVE_API = 2  # the _native.API_VERSION these sources were written for
+NATIVE_API = 3  # the _native.API_VERSION these sources were written for
 
 
 def native_module() -> ModuleType | None:
@@ -61,7 +60,8 @@ def py_count_bytes(data: bytes | memoryview, counts: array[int]) -> None:
 
 
 def py_has_long_line(data: bytes | memoryview, limit: int) -> bool:
-    """`has_long_line` in Python: jumps a window at a time, not a line."""
+    """Whether a line of `data` (split at b"\\n") is longer than `limit` bytes (`text_flags`'s LONG):
+    jumps a window at a time, not a line."""
     data = bytes(data) if isinstance(data, memoryview) else data
     pos, end = 0, len(data)
     while end - pos > limit:
@@ -75,7 +75,7 @@ def py_has_long_line(data: bytes | memoryview, limit: int) -> bool:
 # text_flags: what the judging asks of a file's bytes, found in one call while they are in
 # cache (the C reader scans each file it reads; content.judge then only looks at the flags).
 NUL, ASCII, UTF8, BOM, CR, LONG, SPACE = (1 << i for i in range(7))
-_ASCII_BYTES = bytes(range(128))
+ASCII_BYTES = bytes(range(128))  # deleted from UTF-8 text, they leave its other characters whole
 
 
 def py_text_flags(data: bytes, line_limit: int) -> tuple[int, bytes | None]:
@@ -96,16 +96,14 @@ def py_text_flags(data: bytes, line_limit: int) -> tuple[int, bytes | None]:
     flags |= CR if b"\r" in data else 0
     flags |= LONG if line_limit >= 0 and py_has_long_line(data, line_limit) else 0
     flags |= SPACE if data.isspace() else 0
-    beyond = data.translate(None, _ASCII_BYTES) if flags & (ASCII | UTF8) == UTF8 else None
+    beyond = data.translate(None, ASCII_BYTES) if flags & (ASCII | UTF8) == UTF8 else None
     return flags, beyond
 
 
 if _native is not None:
     count_bytes = _native.count_bytes
-    has_long_line = _native.has_long_line
     text_flags = _native.text_flags
 else:
     count_bytes = py_count_bytes
-    has_long_line = py_has_long_line
     text_flags = py_text_flags
 

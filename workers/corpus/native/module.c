@@ -1,6 +1,6 @@
 /* workers.corpus._native: the corpus builder's byte work, in C and mostly without the GIL
  * (setup.py builds it from this directory, optional):
- * - count_bytes, has_long_line, text_flags: scans of corpus text (textscan.py has them in Python);
+ * - count_bytes, text_flags: scans of corpus text (textscan.py has them in Python);
  * - read_files: a slice of files read beneath a root, links refused anywhere on the path, each
  *   hashed (sha256) and scanned (text_flags) while its bytes are in cache (reading.py);
  * - Sink: the corpus written, hashed and its bytes counted, a batch per call (streams.py).
@@ -13,8 +13,6 @@ static PyMethodDef methods[] = {
      "read_files(root_fd, paths, probe, max_file_bytes, budget, line_limit): read files beneath root_fd."},
     {"count_bytes", count_bytes, METH_VARARGS,
      "count_bytes(data, counts): add the count of each byte value in data to counts (256 int64)."},
-    {"has_long_line", has_long_line, METH_VARARGS,
-     "has_long_line(data, limit): True if a line of data is longer than limit bytes."},
     {"text_flags", text_flags, METH_VARARGS,
      "text_flags(data, line_limit) -> (flags, beyond): NUL, ASCII, UTF-8, BOM, CR, long line, space only."},
     {NULL, NULL, 0, NULL},

@@ -11,7 +11,7 @@
 
 /* What textscan.native_module expects: a module built from older sources (an in-place build not
  * redone) is not used. Bump it with every change of the functions' signatures or results. */
-#define API_VERSION 2
+#define API_VERSION 3
 
 #define GIL_FREE_BYTES 65536 /* below this, releasing the GIL costs more than it lets run */
 
@@ -22,7 +22,6 @@ void add_counts(int64_t *out, uint32_t t[4][256]);
 void text_flags_of(const unsigned char *s, size_t n, Py_ssize_t limit, int *flags, char **beyond,
                    Py_ssize_t *beyond_len);
 PyObject *count_bytes(PyObject *self, PyObject *args);
-PyObject *has_long_line(PyObject *self, PyObject *args);
 PyObject *text_flags(PyObject *self, PyObject *args);
 
 /* crypto.c: sha256 from the libcrypto that Python's hashlib has loaded (NULL when none is) */

@@ -77,25 +77,6 @@ static int long_line(const char *pos, Py_ssize_t n, Py_ssize_t limit)
     return 0;
 }
 
-/* has_long_line(data, limit): True if some line of `data` (split at b"\n") is longer than
- * `limit` bytes. */
-PyObject *has_long_line(PyObject *self, PyObject *args)
-{
-    Py_buffer data;
-    Py_ssize_t limit;
-    if (!PyArg_ParseTuple(args, "y*n:has_long_line", &data, &limit))
-        return NULL;
-    if (limit < 0) {
-        PyBuffer_Release(&data);
-        PyErr_SetString(PyExc_ValueError, "limit must not be negative");
-        return NULL;
-    }
-    int found = long_line(data.buf, data.len, limit);
-    PyBuffer_Release(&data);
-    return PyBool_FromLong(found);
-}
-
-
 /* ---- what the judging asks of a file's bytes (textscan.py: py_text_flags says it in Python) ---- */
 
 #define HIGH_BITS 0x8080808080808080ULL
