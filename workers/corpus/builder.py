@@ -282,7 +282,7 @@ class CorpusBuilder:
     def _consume(self, batch: _Batch) -> None:
         result = batch.future.result()
         stats = self.stats
-        dups = self._duplicates(batch.tree, result) if self.config.dedupe and not result.deduped else set()
+        dups = self._duplicates(batch.tree, result) if self.config.dedupe and not result.deduped else {}
         if not dups and stats.bytes + result.length <= self.config.max_total_bytes:
             # The common case: the whole batch goes in as the worker prepared it.
             if result.part is None:
@@ -307,12 +307,16 @@ class CorpusBuilder:
         first = self._seen.setdefault(outcome.sha256, key)  # type: ignore[arg-type]
         return None if first is key else self._same_as(first)
 
-    def _duplicates(self, tree: int, result: BatchResult) -> set[int]:
-        """Indexes of kept outcomes whose bytes an earlier file already brought in (pool
-        batches: in-process ones skip them as they are judged)."""
-        return {i for i, o in enumerate(result.outcomes) if o.reason is None and self._first_of(tree, o) is not None}
+    def _duplicates(self, tree: int, result: BatchResult) -> dict[int, str]:
+        """Kept outcomes whose bytes an earlier file already brought in, by index, with what to say
+        of each ("same as ..."). Pool batches: in-process ones skip them as they are judged."""
+        dups = {}
+        for i, o in enumerate(result.outcomes):
+            if o.reason is None and (same := self._first_of(tree, o)) is not None:
+                dups[i] = same
+        return dups
 
-    def _consume_each(self, tree: int, result: BatchResult, dups: set[int]) -> None:
+    def _consume_each(self, tree: int, result: BatchResult, dups: dict[int, str]) -> None:
         """File by file: drop duplicates, stop exactly at the total cap. Runs of kept files are
         copied whole."""
         stats = self.stats
@@ -329,7 +333,7 @@ class CorpusBuilder:
                 continue
             line = next(kept_lines)
             if i in dups:
-                dup = o._replace(reason=P.DUPLICATE, detail=self._same_as(self._seen[o.sha256]))  # type: ignore[index]
+                dup = o._replace(reason=P.DUPLICATE, detail=dups[i])
                 stats.skip(o, P.DUPLICATE)
                 skipped.append(skipped_line(tree, dup))
                 if offset > run_start:
