@@ -182,6 +182,25 @@ def test_process_pool_gives_the_same_corpus_as_one_process(tmp_path, inline_file
     assert b"# d5/f59.py\n" in one[0]
 
 
+def test_builds_raise_the_gc_threshold_while_they_run_and_put_it_back():
+    """Overlapping builds (on threads of one process) share the raised threshold; the last one to
+    end restores the threshold from before the first, not the raised one it found."""
+    import gc
+
+    before = gc.get_threshold()
+    first, second = builder.fewer_collections(), builder.fewer_collections()
+    first.__enter__()
+    assert gc.get_threshold()[0] == builder.GC_THRESHOLD
+    second.__enter__()
+    first.__exit__(None, None, None)  # not nested: the first ends while the second runs
+    assert gc.get_threshold()[0] == builder.GC_THRESHOLD
+    second.__exit__(None, None, None)
+    assert gc.get_threshold() == before
+    with pytest.raises(CorpusError), builder.fewer_collections():
+        raise CorpusError("a failed build")
+    assert gc.get_threshold() == before
+
+
 def test_corpus_stage_on_s3_stores_and_reuses(git_server, s3_storage):
     repo = git_server.publish(git_server.unique("acme/s3"), source_files())
     fetch, built = _stages(s3_storage, git_server, [repo.name])
