@@ -13,7 +13,6 @@ import signal
 import threading
 from typing import Annotated, Any
 
-import click
 import typer
 from pydantic import ValidationError
 from rich.markup import escape
@@ -25,7 +24,9 @@ from schemas.errors import CharforgeError
 
 
 class CharforgeGroup(TyperGroup):
-    def invoke(self, ctx: click.Context) -> Any:
+    # ctx: a click Context, not annotated as `click.Context`: recent typer releases (0.29 here)
+    # ship their own copy of click, and click is no dependency of ours (ray's, for now).
+    def invoke(self, ctx: Any) -> Any:
         try:
             return super().invoke(ctx)
         except CharforgeError as exc:
