@@ -196,7 +196,7 @@ class Dispatcher:
             action(flight, *args)
         except DatabaseUnavailable:
             raise
-        except Exception as exc:  # noqa: BLE001 - classified, logged, and charged to this run only
+        except Exception as exc:  # classified, logged, and charged to this run only
             log.exception("run %s: %s", flight.run_id, exc)
             flight.ref = None
             flight.stage = flight.stage or pipeline.next_stage(flight.results) or Stage.SAMPLE

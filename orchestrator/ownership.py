@@ -98,5 +98,5 @@ class Ownership:
         for ref in done:
             try:
                 ray.get(ref)
-            except Exception:  # noqa: BLE001, S110 - the run was cancelled or taken over: nothing to say
+            except Exception:  # noqa: BLE001 - the run was cancelled or taken over: nothing to say
                 pass

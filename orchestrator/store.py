@@ -330,7 +330,8 @@ class RunStore(ClusterQueries):
         with self._session() as session:
             session.execute(
                 update(StageAttempt)
-                .where(StageAttempt.run_id == run_id, StageAttempt.stage == stage.value, StageAttempt.attempt == attempt)
+                .where(StageAttempt.run_id == run_id, StageAttempt.stage == stage.value,
+                       StageAttempt.attempt == attempt)
                 .values(outcome=outcome, error=error, finished_at=utcnow())
             )
 

@@ -22,7 +22,7 @@ SEED_LIMIT = 2**63
 
 def parse_duration(value: Any) -> float | None:
     """`100s`, `30m`, `2h`, `1h30m`, `90` (seconds) or a number -> seconds; `none`/"" -> None."""
-    if value is None or isinstance(value, (int, float)) and not isinstance(value, bool):
+    if value is None or (isinstance(value, (int, float)) and not isinstance(value, bool)):
         return None if value is None else float(value)
     text = str(value).strip().lower().replace(" ", "")
     if text in ("", "none", "off"):

@@ -140,7 +140,7 @@ def test_environment_names_are_ones_the_code_reads() -> None:
 
 
 def test_dispatcher_settings_resolve_to_the_stack(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in list(settings_env_names()) + ["RAY_ADDRESS"]:
+    for name in [*settings_env_names(), "RAY_ADDRESS"]:
         monkeypatch.delenv(name, raising=False)
     for name, value in env_of("dispatcher").items():
         monkeypatch.setenv(name, value)
@@ -315,7 +315,8 @@ def test_dockerfile_installs_the_project_and_its_dependencies(tmp_path: Path) ->
     # The corpus builder's C extension: a compiler for the install, and a check that it was built,
     # run where the installed package (not /src) is what imports.
     install = dockerfile[dockerfile.index("COPY . /src"):]
-    assert install.index("install -y --no-install-recommends gcc") < install.index("pip install --no-cache-dir --no-deps /src")
+    compiler = install.index("install -y --no-install-recommends gcc")
+    assert compiler < install.index("pip install --no-cache-dir --no-deps /src")
     assert "cd / && python -c \"from workers.corpus.textscan import NATIVE; assert NATIVE" in install
 
 

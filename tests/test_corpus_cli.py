@@ -45,7 +45,8 @@ def test_inspect_prints_the_summary_without_writing(git_server, hostile, monkeyp
                          "kept: 3 files, 3.0 KiB of corpus text (3063 characters, vocabulary 52)",
                          "skipped: 16"]
     assert "  language       6" in lines and "  symlink        3" in lines
-    assert lines[-3:] == ["  c                 1.8 KiB   62.1%  2 files", "  lua               1.1 KiB   37.9%  1 files",
+    assert lines[-3:] == ["  c                 1.8 KiB   62.1%  2 files",
+                          "  lua               1.1 KiB   37.9%  1 files",
                           'top characters: " " 16.8%  "n" 8.5%  "\\n" 7.9%']
     assert list(tmp_path.iterdir()) == []
 
@@ -63,9 +64,11 @@ def test_inspect_json(git_server, hostile):
 
 @pytest.mark.parametrize(("args", "message"), [
     (["inspect", "acme/nope"], "error: repository not found (or not public): acme/nope ({base}acme/nope)\n"),
-    (["inspect", "ext::sh -c id"], "error: repo spec 'ext::sh -c id' names a git remote helper (ext::, fd::): refused\n"),
+    (["inspect", "ext::sh -c id"],
+     "error: repo spec 'ext::sh -c id' names a git remote helper (ext::, fd::): refused\n"),
     (["inspect", "x/y", "--lang", "pyhton"],
-     "error: bad corpus option langs: Value error, unknown language pyhton (use identify tags such as c, lua, python)\n"),
+     "error: bad corpus option langs: Value error, unknown language pyhton "
+     "(use identify tags such as c, lua, python)\n"),
     (["build", "x/y", "--out", "c.txt", "--max-file-size", "lots"],
      "error: cannot read size 'lots': use bytes or a K/M/G suffix, e.g. 1M\n"),
 ])

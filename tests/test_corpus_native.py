@@ -60,7 +60,8 @@ def native():
     module = native_module()
     if module is None:
         if os.environ.get("CHARFORGE_REQUIRE_NATIVE") == "1":
-            pytest.fail("the C extension workers.corpus._native is not built (or was built from other sources): run scripts/install")
+            pytest.fail("the C extension workers.corpus._native is not built (or was built from other sources): "
+                        "run scripts/install")
         pytest.skip("the C extension workers.corpus._native is off (not built, or CHARFORGE_NO_NATIVE=1)")
     return module
 
@@ -248,7 +249,7 @@ def test_read_files_gives_what_the_python_reader_gives(native, tmp_path, walk):
         assert by_path[link][:2] == (errno.ELOOP, OPEN_FAILED), link
     assert by_path["fifo"][1] == by_path["real"][1] == NOT_REGULAR
     assert by_path["missing.py"][:2] == (errno.ENOENT, OPEN_FAILED)
-    for err, kind, _, data, digest, flags, beyond in got:  # the C reader hashes and scans what it read
+    for _err, kind, _, data, digest, flags, beyond in got:  # the C reader hashes and scans what it read
         if kind == REGULAR and data:
             assert digest == hashlib.sha256(data).digest()
             assert (flags, beyond) == py_text_flags(data, 100)

@@ -16,9 +16,9 @@ from schemas.corpus import CorpusConfig
 from tests.gitserver import write_files
 from workers.corpus import build_corpus_file
 from workers.corpus.builder import CorpusBuilder, SourceTree
-from workers.corpus.reading import HELD_DIRS, PROBE_BYTES
 from workers.corpus.manifest import ManifestWriter
 from workers.corpus.paths import name_info
+from workers.corpus.reading import HELD_DIRS, PROBE_BYTES
 from workers.corpus.sources import GitView
 from workers.progress import NULL_REPORTER
 

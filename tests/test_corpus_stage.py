@@ -101,7 +101,8 @@ def test_all_files_filtered_out_fails_with_counts(git_server, storage, scratch):
     })
     with pytest.raises(CorpusError) as err:
         _stages(storage, git_server, [repo.name], scratch=scratch)
-    assert str(err.value) == "corpus is empty after filters: 3 files and 1 directory skipped (binary: 2, symlink: 1, vcs: 1)"
+    assert str(err.value) == ("corpus is empty after filters: 3 files and 1 directory skipped "
+                              "(binary: 2, symlink: 1, vcs: 1)")
     assert list(storage.list()) == [] and list(scratch_root(scratch).iterdir()) == []
 
 

@@ -108,7 +108,7 @@ def test_a_spec_that_no_longer_validates_fails_that_run_only(setup):
 
 
 def test_names_with_markup_are_shown_as_typed_and_cancel_goes_on_past_a_refusal(setup):
-    cfg, store, name = setup
+    _, store, name = setup
     queued = invoke("jobs", "submit", "--repo", name, "--name", "[/oops] [bold]x", "--detach")
     assert queued.exit_code == 0, queued.output
     assert "[/oops] [bold]x" in queued.stdout

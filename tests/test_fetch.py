@@ -187,7 +187,7 @@ def test_local_repo_of_another_user_is_refused_not_read_as_a_folder(tmp_path):
     work = tmp_path / "theirs"
     make_repo(work, source_files())
     subprocess.run(["chown", "-R", "nobody", str(work)], check=True)
-    with pytest.raises(RepoError, match="belongs to another user .*safe.directory"):
+    with pytest.raises(RepoError, match=r"belongs to another user .*safe\.directory"):
         _resolve(str(work), "git://unused/")
 
 

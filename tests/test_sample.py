@@ -190,7 +190,9 @@ def test_bits_per_char_is_the_models_surprise_at_its_own_text(trained):
 @contextmanager
 def saved_as_if_on_cuda():
     """Tag every tensor written inside the block as living on cuda:0, as a GPU trainer's are."""
-    tagger = lambda obj: "cuda:0"
+    def tagger(obj):
+        return "cuda:0"
+
     serialization.register_package(0, tagger, lambda obj, location: None)
     try:
         yield

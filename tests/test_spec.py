@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from orchestrator.settings import load_settings
@@ -67,9 +69,9 @@ def test_run_spec_applies_preset_then_sets():
 
 
 def test_run_spec_refuses_what_it_cannot_run():
-    with pytest.raises(InvalidSpec, match="unknown setting 'warp'; valid keys: model.model, "):
+    with pytest.raises(InvalidSpec, match=re.escape("unknown setting 'warp'; valid keys: model.model, ")):
         build_run_spec(["a/b"], sets=["warp=9"])
-    with pytest.raises(InvalidSpec, match="model.rnn_size: .*got 'big'"):
+    with pytest.raises(InvalidSpec, match=r"model\.rnn_size: .*got 'big'"):
         build_run_spec(["a/b"], sets=["rnn_size=big"])
     with pytest.raises(InvalidSpec, match="--set expects key=value"):
         build_run_spec(["a/b"], sets=["rnn_size"])

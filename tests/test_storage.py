@@ -87,16 +87,14 @@ def test_failed_write_leaves_nothing(
     monkeypatch.setattr(tempfile, "tempdir", str(spool))
     storage.put_bytes("keep/old", b"old")
 
-    with pytest.raises(RuntimeError, match="disk full in the middle"):
-        with storage.writer("keep/new") as out:
-            out.write(b"half an object")
-            assert not storage.exists("keep/new")  # readers never see a write in progress
-            assert list(storage.list("keep/")) == ["keep/old"]
-            raise RuntimeError("disk full in the middle")
-    with pytest.raises(ValueError):
-        with storage.writer("keep/old") as out:
-            out.write(b"would replace old")
-            raise ValueError("abort")
+    with pytest.raises(RuntimeError, match="disk full in the middle"), storage.writer("keep/new") as out:
+        out.write(b"half an object")
+        assert not storage.exists("keep/new")  # readers never see a write in progress
+        assert list(storage.list("keep/")) == ["keep/old"]
+        raise RuntimeError("disk full in the middle")
+    with pytest.raises(ValueError), storage.writer("keep/old") as out:
+        out.write(b"would replace old")
+        raise ValueError("abort")
 
     assert list(storage.list()) == ["keep/old"]
     assert storage.get_bytes("keep/old") == b"old"
@@ -256,7 +254,7 @@ def test_no_credentials_at_all(
     monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
     monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
     storage = open_storage(seaweedfs.storage_url(), endpoint_url=seaweedfs.endpoint_url)
-    with pytest.raises(StorageError, match="no usable S3 credentials .* set AWS_ACCESS_KEY_ID"):
+    with pytest.raises(StorageError, match=r"no usable S3 credentials .* set AWS_ACCESS_KEY_ID"):
         storage.put_bytes("k/obj", b"data")
 
 

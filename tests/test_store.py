@@ -55,9 +55,8 @@ def test_transitions_follow_the_table(store: RunStore) -> None:
 
 def test_the_database_rejects_an_illegal_status(store: RunStore) -> None:
     run = store.create_run(_spec())
-    with pytest.raises(Exception, match="ck_runs_status|CHECK constraint"):
-        with store.engine.begin() as conn:
-            conn.execute(update(Run).where(Run.id == run.id).values(status="exploded"))
+    with pytest.raises(Exception, match=r"ck_runs_status|CHECK constraint"), store.engine.begin() as conn:
+        conn.execute(update(Run).where(Run.id == run.id).values(status="exploded"))
 
 
 def test_cancel_is_idempotent_and_refuses_finished_runs(store: RunStore) -> None:

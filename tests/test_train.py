@@ -161,7 +161,7 @@ def test_fine_tuning_starts_from_another_runs_weights(tmp_path: Path) -> None:
     assert any("fine-tuning keeps" in e["message"] for e in tuned.of(EventKind.LOG))
 
     other = make_corpus(storage, text + "λλλλ ΩΩΩΩ", "d")
-    with pytest.raises(TrainingError, match="vocabularies differ: the corpus uses 2 characters .*Ωλ"):
+    with pytest.raises(TrainingError, match=r"vocabularies differ: the corpus uses 2 characters .*Ωλ"):
         run_train_stage(storage, "0f0f08", other, TINY_MODEL, TINY_TRAIN, ListReporter(),
                         init_from=source.checkpoint_key, num_threads=1)
 

@@ -155,9 +155,8 @@ class S3Storage(Storage):
         try:
             self._client.head_bucket(Bucket=self.bucket)
         except ClientError as exc:
-            if str(exc.response.get("Error", {}).get("Code", "")) in {"404", "NoSuchBucket"}:
-                return False
-            return True  # e.g. 403: the original error says more than a guess would
+            # e.g. 403: the bucket may be there, and the original error says more than a guess would
+            return str(exc.response.get("Error", {}).get("Code", "")) not in {"404", "NoSuchBucket"}
         except BotoCoreError:
             return True
         self._bucket_seen = True

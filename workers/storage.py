@@ -201,7 +201,7 @@ class LocalStorage(Storage):
     @contextmanager
     def open(self, key: str) -> Iterator[IO[bytes]]:
         try:
-            fh = open(self._path(key), "rb")
+            fh = open(self._path(key), "rb")  # noqa: SIM115 - closed by the `with` below
         except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
             raise ArtifactNotFound(f"no object {key!r} in {self.url}") from None
         with fh:

@@ -39,7 +39,7 @@ class Vocab:
     ) -> Vocab:
         """Characters seen at least `min_count` times, most frequent first up to `max_size`."""
         kept = [c for c, n in Counter(counts).most_common(max_size) if n >= min_count and c != UNK]
-        return cls([UNK] + sorted(kept))
+        return cls([UNK, *sorted(kept)])
 
     @classmethod
     def from_text(cls, text: str, **kwargs: int | None) -> Vocab:

@@ -165,7 +165,8 @@ def watch(runs: Annotated[list[str] | None, typer.Argument(help="Run ids; defaul
 @jobs_app.command()
 def logs(
     run: Annotated[str, typer.Argument(help="Run id (or a unique prefix).")],
-    follow_: Annotated[bool, typer.Option("--follow", "-f", help="Keep printing new lines until the run ends.")] = False,
+    follow_: Annotated[bool, typer.Option(
+        "--follow", "-f", help="Keep printing new lines until the run ends.")] = False,
 ) -> None:
     """Print a run's log: stage events, training progress, retries and tracebacks."""
     store = context.store(context.settings())

@@ -165,7 +165,9 @@ class FileReader:
         self.native = native and _native is not None
         self._walk = walk  # C reader: one directory at a time even where openat2 works (tests)
 
-    def read(self, paths: list[str], probe: bytes, max_file_bytes: int, budget: int, line_limit: int = -1) -> list[Read]:
+    def read(
+        self, paths: list[str], probe: bytes, max_file_bytes: int, budget: int, line_limit: int = -1,
+    ) -> list[Read]:
         """The first of `paths` (at least one) whose data add up to `budget` bytes. `probe`
         holds a byte per path: 1 for a name that does not say text (read PROBE_BYTES first).
         The C reader also scans each file's data (`text_flags`, lines longer than `line_limit`)."""
