@@ -65,7 +65,7 @@ def connect(address: str | None, *, num_cpus: int | None = None) -> bool:
         else:
             # address="local": a new private instance, never a `ray start` cluster found in /tmp/ray.
             ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, **common)
-    # a wrong token: AuthenticationError, a RayError
+    # (a wrong token raises AuthenticationError, a RayError)
     except (ConnectionError, RuntimeError, ValueError, ray.exceptions.RayError) as exc:
         hint = ""
         if address and os.environ.get("RAY_AUTH_MODE") == "token" and not _token_configured():
