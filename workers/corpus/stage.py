@@ -23,11 +23,12 @@ from schemas.repo import RepoSpec, parse_repo_spec
 from schemas.results import CorpusResult, FetchResult, ResolvedRepo
 from workers import keys
 from workers.corpus import paths as P
-from workers.corpus.builder import BuildStats, CorpusBuilder, SourceTree
+from workers.corpus.builder import CorpusBuilder, SourceTree
 from workers.corpus.manifest import FORMAT_VERSION, ManifestWriter
 from workers.corpus.scratch import open_output, publish, temp_outputs
 from workers.corpus.scratch import scratch_dir as _scratch_dir
 from workers.corpus.sources import GitView
+from workers.corpus.stats import BuildStats
 from workers.fetch import checkout, resolve_repos
 from workers.progress import NULL_REPORTER, Reporter
 from workers.storage import Storage
