@@ -53,7 +53,7 @@ def orphaned(name: str) -> bool:
     A pid the system has given to a new process since keeps its entry until that one ends too.
     """
     match = _OWNER.search(name)
-    return bool(match) and match.group(2) == _HOST and not _alive(int(match.group(1)))
+    return match is not None and match.group(2) == _HOST and not _alive(int(match.group(1)))
 
 
 def sweep(directory: Path, prefix: str) -> None:

@@ -256,7 +256,7 @@ def walk(
         item = next(stack[-1], None)
         if item is None:
             stack.pop()
-        elif type(item) is _Descend:
+        elif isinstance(item, _Descend):
             stack.append(_entries(item.path, item.rel, item.scope, rules, marks))
         else:
             yield item

@@ -52,8 +52,8 @@ def py_count_bytes(data: bytes | memoryview, counts: array[int]) -> None:
         square = np.zeros(1 << 16, dtype=np.int64)
         for start in range(0, len(pairs), COUNT_SLICE):
             square += np.bincount(pairs[start:start + COUNT_SLICE], minlength=1 << 16)
-        square = square.reshape(256, 256)
-        result = square.sum(axis=0) + square.sum(axis=1)
+        table = square.reshape(256, 256)  # [first byte, second byte] of each pair
+        result = table.sum(axis=0) + table.sum(axis=1)
         if len(arr) & 1:
             result[arr[-1]] += 1
     np.frombuffer(counts, dtype=np.int64)[:] += result
