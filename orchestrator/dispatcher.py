@@ -70,6 +70,13 @@ class Flight:
     worker: tuple[str, int] | None = None  # (node id, pid) running the current attempt
     waiting_for: str | None = None  # the run building the corpus this one needs
     launched_at: float | None = None  # when the current task was submitted (see _note_waiting)
+
+    @property
+    def current(self) -> Stage:
+        """The stage launched last: a flight with a task or an outcome has one."""
+        if self.stage is None:
+            raise RuntimeError(f"run {self.run_id}: no stage launched yet")
+        return self.stage
     asks: str = ""  # the Ray resources the current task asked for
 
 
@@ -83,11 +90,11 @@ class Dispatcher:
 
     def __post_init__(self) -> None:
         self._events = EventRelay(self.store)  # the progress relay; outlives a relay actor that dies
-        self._ownership: Ownership | None = None  # made by start(), once the id is final
+        self._ownership: Ownership  # made by start(), once the id is final
         self._next_reconcile = 0.0
         self._accelerator: str | None = None
         self._cpu_nodes = ray_runtime.NodePicker()
-        self._reconciler: Reconciler | None = None
+        self._reconciler: Reconciler  # made by start()
         self._num_cpus = 1
         self.owns_ray = False  # whether start() started Ray (embedded callers shut it down)
 
@@ -173,7 +180,7 @@ class Dispatcher:
                 try:
                     flight.outcome = ray.get(ref)
                 except Exception as exc:  # noqa: BLE001 - every failure is classified
-                    flight.outcome = pipeline.classify(exc, flight.stage)
+                    flight.outcome = pipeline.classify(exc, flight.current)
             if done:
                 self._relay_events()  # what a stage said before it ended belongs before its end
         for flight in list(self.flights.values()):
@@ -206,7 +213,7 @@ class Dispatcher:
     # the outcome stays on the flight and the next tick settles it again.
 
     def _stage_done(self, flight: Flight, result: Any) -> None:
-        stage = flight.stage
+        stage = flight.current
         self.store.finish_attempt(flight.run_id, stage, flight.attempt, "succeeded")
         self.store.record_result(flight.run_id, stage, result.model_dump(mode="json"))
         facts = pipeline.run_facts(stage, result)
@@ -222,7 +229,7 @@ class Dispatcher:
         flight.outcome, flight.failures, flight.worker = None, 0, None
 
     def _stage_failed(self, flight: Flight, failure: pipeline.Failure) -> None:
-        stage, failures = flight.stage, flight.failures + 1
+        stage, failures = flight.current, flight.failures + 1
         if failure.detail:
             self.store.append_log(flight.run_id, failure.detail, stage=stage.value)
         if failure.cancelled:
@@ -293,9 +300,9 @@ class Dispatcher:
             waited = now - (flight.launched_at or now)
             if flight.ref is not None and flight.worker is None and waited > WAITING_NOTE_S:
                 self.store.append_log(
-                    flight.run_id, f"{flight.stage.value} has waited {waited:.0f}s for Ray to place it "
+                    flight.run_id, f"{flight.current.value} has waited {waited:.0f}s for Ray to place it "
                     f"(it asks for {flight.asks}); check `ray status` for free resources",
-                    stage=flight.stage.value,
+                    stage=flight.current.value,
                 )
                 flight.launched_at = now  # again after another WAITING_NOTE_S
 

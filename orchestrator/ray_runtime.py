@@ -15,6 +15,7 @@ import os
 import secrets
 import time
 from pathlib import Path
+from typing import Any
 
 from schemas.errors import TransientError
 
@@ -58,7 +59,7 @@ def connect(address: str | None, *, num_cpus: int | None = None) -> bool:
         return False
     # Ray's notice that it turned token auth on is for people who did not choose it; we did.
     logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
-    common = {"namespace": NAMESPACE, "log_to_driver": False, "logging_level": logging.WARNING}
+    common: dict[str, Any] = {"namespace": NAMESPACE, "log_to_driver": False, "logging_level": logging.WARNING}
     try:
         if address:
             ray.init(address=address, **common)
@@ -123,7 +124,8 @@ class NodePicker:
     """Live nodes without a resource, taken in turn (the list is refreshed every `refresh` s)."""
 
     def __init__(self, refresh: float = 10.0) -> None:
-        self._refresh, self._nodes, self._at, self._turn = refresh, [], float("-inf"), 0
+        self._nodes: list[str] = []
+        self._refresh, self._at, self._turn = refresh, float("-inf"), 0
 
     def pick(self, without: str) -> str | None:
         now = time.monotonic()

@@ -41,7 +41,7 @@ class EventRelay:
         # On this node: it must not die with some other node. Named: its existence is how other
         # dispatchers on the cluster know this one is alive.
         here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-        actor = ProgressRelay.options(
+        actor = ProgressRelay.options(  # type: ignore[attr-defined]  # a Ray actor class
             name=relay_name(dispatcher_id), namespace=ray_runtime.NAMESPACE, scheduling_strategy=here
         ).remote()
         ray.get(actor.drain.remote())  # it exists before this dispatcher claims anything

@@ -29,6 +29,14 @@ from workers.sample import read_samples
 from workers.storage import Storage
 
 LN2 = math.log(2)
+
+
+def _bits(nats: Any) -> Any:
+    return nats / LN2
+
+
+def _nats(bits: Any) -> Any:
+    return bits * LN2
 PNG_SIZE = (1000, 500)  # pixels: 10 x 5 inches at 100 dpi
 SAMPLES_SHOWN = 8  # per report, from the newest batch
 METRIC_LABELS = {
@@ -91,7 +99,7 @@ def plot_losses(run: RunView, metrics: Sequence[MetricPoint]) -> bytes:
         ax.text(0.5, 0.5, "no loss recorded yet", ha="center", transform=ax.transAxes)
     ax.set_xlabel("step")
     ax.set_ylabel("loss (nats/char)")
-    ax.secondary_yaxis("right", functions=(lambda n: n / LN2, lambda b: b * LN2)).set_ylabel(
+    ax.secondary_yaxis("right", functions=(_bits, _nats)).set_ylabel(
         "bits/char"
     )
     ax.grid(alpha=0.3)

@@ -68,4 +68,5 @@ class Settings(BaseSettings):
 def load_settings(**overrides: Any) -> Settings:
     """Settings from env and `.env` (or the file CHARFORGE_ENV_FILE names), flags winning."""
     env_file = os.environ.get("CHARFORGE_ENV_FILE", ".env")
-    return Settings(_env_file=env_file, **{k: v for k, v in overrides.items() if v is not None})
+    # _env_file: BaseSettings takes it; the signature mypy derives from the fields does not list it
+    return Settings(_env_file=env_file, **{k: v for k, v in overrides.items() if v is not None})  # type: ignore[call-arg]

@@ -14,9 +14,10 @@ import fnmatch
 import secrets
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, cast
 
 from sqlalchemy import delete, select, update
+from sqlalchemy.engine import CursorResult
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.orm import Session, load_only, selectinload, sessionmaker
 
@@ -77,7 +78,8 @@ def _move(session: Session, run: Run, source: RunStatus, new: RunStatus, *, erro
     where = [Run.id == run.id, Run.status == source.value]
     if owner is not None:
         where.append(Run.dispatcher_id == owner)
-    return session.execute(update(Run).where(*where).values(**values)).rowcount == 1
+    result = cast(CursorResult[Any], session.execute(update(Run).where(*where).values(**values)))
+    return result.rowcount == 1
 
 
 class RunStore(ClusterQueries):
@@ -86,13 +88,17 @@ class RunStore(ClusterQueries):
         self.engine = db.make_engine(url)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
         if migrate:
-            self._guard(lambda: db.is_current(self.engine) or db.upgrade(self.engine))
+            self._guard(self._migrate)
 
     def require_schema(self) -> None:
         """Refuse to work on a database that `charforge db upgrade` has not brought up to date."""
         if not self._guard(lambda: db.is_current(self.engine)):
             raise UserError(f"the database at {db.redact(self.url)} does not have charforge's current "
                             "schema: run `charforge db upgrade`")
+
+    def _migrate(self) -> None:
+        if not db.is_current(self.engine):
+            db.upgrade(self.engine)
 
     def close(self) -> None:
         self.engine.dispose()
@@ -281,7 +287,7 @@ class RunStore(ClusterQueries):
             )
             claimed = [
                 rid for rid in session.scalars(query)
-                if _move(session, session.get(Run, rid), RunStatus.QUEUED, RunStatus.RUNNING,
+                if _move(session, session.get_one(Run, rid), RunStatus.QUEUED, RunStatus.RUNNING,
                          dispatcher_id=dispatcher_id, claims=Run.claims + 1)
             ]
         return self.get_runs(claimed)

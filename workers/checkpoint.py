@@ -88,7 +88,7 @@ def save_checkpoint(storage: Storage, key: str, ckpt: Checkpoint) -> ObjectInfo:
         "data": ckpt.data_state,
     }
     with storage.writer(key) as out:
-        torch.save(payload, out)
+        torch.save(payload, out)  # type: ignore[arg-type]  # a file-like object with write()
     return ObjectInfo(key, out.size, out.sha256)
 
 
@@ -206,10 +206,10 @@ def find_checkpoint(storage: Storage, run_id: str, which: str = "latest") -> str
         raise InvalidSpec(f"checkpoint must be 'latest', 'best' or a step number, got {which!r}")
     pointer = read_pointer(storage, run_id)
     if pointer is None:
-        steps = available_steps(storage, run_id)
-        if not steps:
+        written = available_steps(storage, run_id)
+        if not written:
             raise ArtifactNotFound(f"run {run_id} has no checkpoint yet")
-        return keys.checkpoint(run_id, steps[-1])  # a step file written before its pointer
+        return keys.checkpoint(run_id, written[-1])  # a step file written before its pointer
     entry = pointer.get("best") if which == "best" else None
     return (entry or pointer["latest"])["key"]
 

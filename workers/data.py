@@ -223,9 +223,9 @@ class Batches:
     def next(self) -> tuple[torch.Tensor, torch.Tensor, bool]:
         """(inputs, targets, fresh): `fresh` = the hidden state must start from zeros."""
         if self.mode == "random":
-            starts = torch.randint(0, len(self.ids) - self.seq, (self.batch,), generator=self.gen)
+            picks = torch.randint(0, len(self.ids) - self.seq, (self.batch,), generator=self.gen)
             self.index += 1
-            window = self._gather(starts.numpy())
+            window = self._gather(picks.numpy())
             return window[:, :-1], window[:, 1:], True
         if self.index >= self.windows:
             self.epoch += 1

@@ -44,7 +44,7 @@ def _sample_on_ray(cfg: Any, run_id: str, config: SampleConfig, checkpoint_key: 
 
     ray_runtime.connect(cfg.ray_address)
     accelerator = ray_runtime.accelerator_resource(cfg.accelerator)
-    relay = ProgressRelay.remote()
+    relay = ProgressRelay.remote()  # type: ignore[attr-defined]  # a Ray actor class
     ctx = pipeline.stage_context(cfg, run_id, num_threads=1, use_accelerator=accelerator is not None)
     inputs = {"sample": config, "checkpoint_key": checkpoint_key, "corpus_result": corpus}
     options = stage_options(Stage.SAMPLE, num_cpus=1, accelerator=accelerator)
@@ -203,6 +203,7 @@ def eval_(
 
             file = Path(tmp) / "corpus.txt"
             build_corpus_file(repo, CorpusConfig(), file, git_base_url=cfg.git_base_url)
+        assert file is not None  # --file, or the corpus just built from --repo
         result = evaluate_file(storage, key, file, streams=streams)
     payload = {"run": view.id, "chars": result.chars, "nats_per_char": result.nats_per_char,
                "bits_per_char": result.bits_per_char, "streams": streams}
