@@ -172,3 +172,20 @@ def test_exchange_gives_way_to_a_plain_rename_where_it_cannot_be_done(tmp_path):
     assert not scratch._exchange(tmp_path / "new", tmp_path / "gone")  # the old output went away
     with pytest.raises(OSError):
         scratch._exchange(tmp_path / "missing", tmp_path / "new")
+
+
+@pytest.mark.parametrize("argv, shown", [
+    (["corpus", "build", "--help"], ["owner/name[@ref], a git URL", "[default: OUT.manifest.json]", "[default: 1M]",
+                                     "[default: 4G]", "[default: 1000]", "[default: skip]",
+                                     "[default: cores - 1, at most 8; 1 on two cores]",
+                                     "[env: CHARFORGE_GIT_BASE_URL]"]),
+    (["corpus", "inspect", "--help"], ["owner/name[@ref], a git URL", "[default: 1M]"]),
+    (["jobs", "submit", "--help"], ["owner/name[@ref], a git URL or a local path"]),
+], ids=["build", "inspect", "submit"])
+def test_help_shows_bracketed_text(argv, shown):
+    """Typer renders help as Rich markup, where `[default: 1M]` or `[@ref]` is a style tag that
+    vanishes unless escaped (or, for defaults, given to the option as `show_default`)."""
+    result = runner.invoke(app, argv, env={"COLUMNS": "250"})
+    assert result.exit_code == 0, result.output
+    missing = [text for text in shown if text not in result.output]
+    assert not missing, result.output

@@ -16,6 +16,7 @@ from typing import Annotated, Any, Self
 
 import typer
 from pydantic import ValidationError
+from rich.markup import escape
 
 from schemas.corpus import CorpusConfig
 from schemas.errors import InvalidSpec
@@ -26,33 +27,33 @@ corpus_app = typer.Typer(
 )
 
 Specs = Annotated[list[str], typer.Argument(
-    help="owner/name[@ref], a git URL (https://, ssh://, git://, git@host:path) or a local directory.",
+    help=escape("owner/name[@ref], a git URL (https://, ssh://, git://, git@host:path) or a local directory."),
     show_default=False,
 )]
 Include = Annotated[list[str] | None, typer.Option(
-    "--include", help="Only paths matching this glob (repeatable).")]
+    "--include", metavar="GLOB", help="Only paths matching this glob (repeatable).")]
 Exclude = Annotated[list[str] | None, typer.Option(
-    "--exclude", help="Skip paths matching this glob (repeatable).")]
+    "--exclude", metavar="GLOB", help="Skip paths matching this glob (repeatable).")]
 Lang = Annotated[list[str] | None, typer.Option(
-    "--lang", help="Only these languages (identify tags), e.g. c,lua,python.")]
+    "--lang", metavar="LANGS", help="Only these languages (identify tags), e.g. c,lua,python.")]
 MaxFile = Annotated[str | None, typer.Option(
-    "--max-file-size", help="Skip files larger than this (e.g. 512K, 1M). [default: 1M]")]
+    "--max-file-size", metavar="SIZE", help=escape("Skip files larger than this (e.g. 512K, 1M). [default: 1M]"))]
 MaxTotal = Annotated[str | None, typer.Option(
-    "--max-total-size", help="Stop if the corpus grows past this (e.g. 2G). [default: 4G]")]
+    "--max-total-size", metavar="SIZE", help=escape("Stop if the corpus grows past this (e.g. 2G). [default: 4G]"))]
 MaxLine = Annotated[int | None, typer.Option(
-    "--max-line-length", help="Skip files with a longer line (minified). [default: 1000]")]
+    "--max-line-length", metavar="BYTES", help=escape("Skip files with a longer line (minified). [default: 1000]"))]
 NoHeader = Annotated[bool, typer.Option("--no-header", help="No comment line naming each file.")]
 InvalidUtf8 = Annotated[str | None, typer.Option(
-    "--invalid-utf8", help="skip the file, or replace bad bytes. [default: skip]")]
+    "--invalid-utf8", metavar="skip|replace", help=escape("skip the file, or replace bad bytes. [default: skip]"))]
 KeepDup = Annotated[bool, typer.Option("--keep-duplicates", help="Keep files whose bytes were already seen.")]
 KeepVendored = Annotated[bool, typer.Option(
     "--keep-vendored", help="Keep vendored, generated, lock and minified-by-name files.")]
 KeepCrlf = Annotated[bool, typer.Option("--keep-crlf", help="Keep CRLF line endings as they are.")]
 Jobs = Annotated[int | None, typer.Option(
-    "--jobs", "-j", min=1,
-    help="Worker processes; 1 = in-process. [default: cores - 1, at most 8; 1 on two cores]")]
+    "--jobs", "-j", min=1, metavar="N",
+    help=escape("Worker processes; 1 = in-process. [default: cores - 1, at most 8; 1 on two cores]"))]
 GitBase = Annotated[str | None, typer.Option(
-    "--git-base-url", help="Where owner/name resolves. [env: CHARFORGE_GIT_BASE_URL]")]
+    "--git-base-url", metavar="URL", help=escape("Where owner/name resolves. [env: CHARFORGE_GIT_BASE_URL]"))]
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b)?\s*$", re.IGNORECASE)
 
@@ -163,7 +164,7 @@ def build(
     specs: Specs,
     out: Annotated[Path, typer.Option("--out", "-o", help="Where to write the corpus text.")],
     manifest: Annotated[Path | None, typer.Option(
-        help="Where to write the manifest. [default: OUT.manifest.json]")] = None,
+        help=escape("Where to write the manifest. [default: OUT.manifest.json]"))] = None,
     include: Include = None, exclude: Exclude = None, lang: Lang = None,
     max_file_size: MaxFile = None, max_total_size: MaxTotal = None, max_line_length: MaxLine = None,
     no_header: NoHeader = False, invalid_utf8: InvalidUtf8 = None, keep_duplicates: KeepDup = False,

@@ -28,16 +28,22 @@ class RunsFailed(UserError):
 @jobs_app.command()
 def submit(
     repo: Annotated[list[str], typer.Option(
-        "--repo", "-r", help="owner/name[@ref], a git URL or a local path; repeat for several runs.")],
+        "--repo", "-r", metavar="SPEC",
+        help=escape("owner/name[@ref], a git URL or a local path; repeat for several runs."))],
     combine: Annotated[bool, typer.Option(help="Build one corpus from all --repo (one run).")] = False,
-    name: Annotated[str | None, typer.Option(help="Run name (default: the repo names).")] = None,
-    include: Annotated[list[str] | None, typer.Option(help="Only files matching this glob (repeatable).")] = None,
-    exclude: Annotated[list[str] | None, typer.Option(help="Skip files matching this glob (repeatable).")] = None,
-    lang: Annotated[str | None, typer.Option(help="Only these languages, e.g. c,lua,python.")] = None,
-    preset: Annotated[str | None, typer.Option(help="Model/training preset: tiny, small, medium, large.")] = None,
+    name: Annotated[str | None, typer.Option(metavar="NAME", help="Run name (default: the repo names).")] = None,
+    include: Annotated[list[str] | None, typer.Option(
+        metavar="GLOB", help="Only files matching this glob (repeatable).")] = None,
+    exclude: Annotated[list[str] | None, typer.Option(
+        metavar="GLOB", help="Skip files matching this glob (repeatable).")] = None,
+    lang: Annotated[str | None, typer.Option(metavar="LANGS", help="Only these languages, e.g. c,lua,python.")] = None,
+    preset: Annotated[str | None, typer.Option(
+        metavar="NAME", help="Model/training preset: tiny, small, medium, large.")] = None,
     set_: Annotated[list[str] | None, typer.Option(
-        "--set", help="Override a setting, e.g. --set rnn_size=256 --set train.max_iters=5000.")] = None,
-    init_from: Annotated[str | None, typer.Option(help="Start from this run's weights (fine-tuning).")] = None,
+        "--set", metavar="KEY=VALUE",
+        help="Override a setting, e.g. --set rnn_size=256 --set train.max_iters=5000.")] = None,
+    init_from: Annotated[str | None, typer.Option(
+        metavar="RUN", help="Start from this run's weights (fine-tuning).")] = None,
     detach: Annotated[bool, typer.Option(help="Queue and return; `charforge serve` runs them.")] = False,
     json_: JsonFlag = False,
 ) -> None:
