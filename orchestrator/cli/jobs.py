@@ -10,6 +10,7 @@ import typer
 from rich.markup import escape
 
 from orchestrator.cli import context, render
+from orchestrator.cli.corpus import Exclude, Include
 from orchestrator.cli.follow import follow
 from schemas.errors import IllegalTransition, UserError
 from schemas.run import RunSpec, build_run_spec
@@ -32,10 +33,8 @@ def submit(
         help=escape("owner/name[@ref], a git URL or a local path; repeat for several runs."))],
     combine: Annotated[bool, typer.Option(help="Build one corpus from all --repo (one run).")] = False,
     name: Annotated[str | None, typer.Option(metavar="NAME", help="Run name (default: the repo names).")] = None,
-    include: Annotated[list[str] | None, typer.Option(
-        metavar="GLOB", help="Only files matching this glob (repeatable).")] = None,
-    exclude: Annotated[list[str] | None, typer.Option(
-        metavar="GLOB", help="Skip files matching this glob (repeatable).")] = None,
+    include: Include = None,
+    exclude: Exclude = None,
     lang: Annotated[str | None, typer.Option(metavar="LANGS", help="Only these languages, e.g. c,lua,python.")] = None,
     preset: Annotated[str | None, typer.Option(
         metavar="NAME", help="Model/training preset: tiny, small, medium, large.")] = None,
