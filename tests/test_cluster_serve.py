@@ -26,6 +26,7 @@ from tests.test_cluster_support import (
     StageWatcher,
     alive,
     assert_attempts_never_overlap,
+    stage_processes,
     wait_until,
 )
 
@@ -70,6 +71,42 @@ def _claims(store: RunStore) -> dict[str, int]:
 def _finished(store: RunStore, ids, what: str, timeout: float = 150.0):
     return wait_until(lambda: (v := store.get_runs(ids)) and all(x.status in TERMINAL for x in v) and v,
                       what, timeout, interval=0.25)
+
+
+def test_stage_watcher_counts_workers_not_their_forked_children(tmp_path):
+    """A worker titled `ray::charforge-<stage>-<run>` that forks (as it does to run git) shows its
+    title in the child until the child execs: one worker, not a stage running twice. A second
+    worker with the same title is a double."""
+    title = "ray::charforge-corpus-feedfacecafe"
+    # a subshell is a fork that never execs: it keeps its parent's command line
+    script = "(sleep 30; true) & sleep 30"
+    first = subprocess.Popen(["bash", "-c", f"exec -a '{title}' bash -c '{script}'"])
+    second = None
+    try:
+        key = ("feedfacecafe", "corpus")
+        wait_until(lambda: len(_titled(title)) >= 2, "the worker and its forked child", 10, interval=0.05)
+        assert stage_processes()[key] == [first.pid]
+        second = subprocess.Popen(["bash", "-c", f"exec -a '{title}' sleep 30"])
+        wait_until(lambda: len(stage_processes().get(key, [])) == 2, "a second worker counted", 10, interval=0.05)
+        assert sorted(stage_processes()[key]) == sorted([first.pid, second.pid])
+    finally:
+        for proc in (first, second):
+            if proc is not None:
+                subprocess.run(["pkill", "-KILL", "-P", str(proc.pid)], check=False)
+                proc.kill()
+                proc.wait()
+
+
+def _titled(title: str) -> list[int]:
+    pids = []
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                if f.read().split(b"\0", 1)[0].decode(errors="replace") == title:
+                    pids.append(int(entry))
+        except OSError:
+            continue
+    return pids
 
 
 def test_sigkill_of_serve_mid_run_loses_nothing_and_runs_nothing_twice(deployment, git_server):

@@ -289,19 +289,29 @@ class StageWatcher:
 
 
 def stage_processes() -> dict[tuple[str, str], list[int]]:
-    """(run id, stage) -> pids of the live Ray workers executing that stage now (by process title)."""
-    running: dict[tuple[str, str], list[int]] = {}
+    """(run id, stage) -> pids of the live Ray workers executing that stage now (by process title).
+
+    A child the worker forks (git, say) carries the worker's title until it execs: it is not a
+    second worker running the stage, and is left out (seen as a "double" before this was so).
+    """
+    found: dict[int, tuple[tuple[str, str], int]] = {}  # pid -> ((run id, stage), parent pid)
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
         try:
             with open(f"/proc/{entry}/cmdline", "rb") as f:
                 title = f.read().split(b"\0", 1)[0].decode(errors="replace")
+            with open(f"/proc/{entry}/stat") as f:
+                state, ppid = f.read().rsplit(")", 1)[1].split()[:2]
         except OSError:
             continue
-        if title.startswith("ray::charforge-") and alive(int(entry)):
+        if title.startswith("ray::charforge-") and state != "Z":
             stage, _, run_id = title.removeprefix("ray::charforge-").partition("-")
-            running.setdefault((run_id, stage), []).append(int(entry))
+            found[int(entry)] = ((run_id, stage), int(ppid))
+    running: dict[tuple[str, str], list[int]] = {}
+    for pid, (key, ppid) in found.items():
+        if ppid not in found or found[ppid][0] != key:
+            running.setdefault(key, []).append(pid)
     return running
 
 
