@@ -80,20 +80,19 @@ def test_stage_watcher_counts_workers_not_their_forked_children(tmp_path):
     title = "ray::charforge-corpus-feedfacecafe"
     # a subshell is a fork that never execs: it keeps its parent's command line
     script = "(sleep 30; true) & sleep 30"
-    first = subprocess.Popen(["bash", "-c", f"exec -a '{title}' bash -c '{script}'"])
+    first = subprocess.Popen(["bash", "-c", f"exec -a '{title}' bash -c '{script}'"], start_new_session=True)
     second = None
     try:
         key = ("feedfacecafe", "corpus")
         wait_until(lambda: len(_titled(title)) >= 2, "the worker and its forked child", 10, interval=0.05)
         assert stage_processes()[key] == [first.pid]
-        second = subprocess.Popen(["bash", "-c", f"exec -a '{title}' sleep 30"])
+        second = subprocess.Popen(["bash", "-c", f"exec -a '{title}' sleep 30"], start_new_session=True)
         wait_until(lambda: len(stage_processes().get(key, [])) == 2, "a second worker counted", 10, interval=0.05)
         assert sorted(stage_processes()[key]) == sorted([first.pid, second.pid])
     finally:
         for proc in (first, second):
             if proc is not None:
-                subprocess.run(["pkill", "-KILL", "-P", str(proc.pid)], check=False)
-                proc.kill()
+                os.killpg(proc.pid, signal.SIGKILL)  # the process, its subshell and their sleeps
                 proc.wait()
 
 

@@ -200,6 +200,16 @@ def test_builds_raise_the_gc_threshold_while_they_run_and_put_it_back():
     with pytest.raises(CorpusError), builder.fewer_collections():
         raise CorpusError("a failed build")
     assert gc.get_threshold() == before
+    try:
+        gc.set_threshold(0)  # collection turned off: a build leaves it off
+        with builder.fewer_collections():
+            assert gc.get_threshold()[0] == 0
+        gc.set_threshold(700)
+        with builder.fewer_collections():
+            gc.set_threshold(5000)  # someone else's setting, made during the build, stands
+        assert gc.get_threshold()[0] == 5000
+    finally:
+        gc.set_threshold(*before)
 
 
 def test_corpus_stage_on_s3_stores_and_reuses(git_server, s3_storage):

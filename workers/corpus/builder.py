@@ -108,21 +108,23 @@ def fewer_collections() -> Iterator[None]:
     all and none in a reference cycle. At Python's default threshold the collector ran ~270 times
     per build of the stdlib tree, twice over every object in the process: 12% of the builder's
     thread (0.045 s of 0.38 s; docs/corpus.md, "Benchmark"). It still runs, every GC_THRESHOLD
-    allocations. The threshold is the process's: the first of concurrent builds sets it, the last
-    puts it back.
+    allocations. The threshold is the process's: the first of concurrent builds raises it, the
+    last puts it back, unless other code changed it meanwhile. A threshold of 0 (collection off)
+    or above GC_THRESHOLD is left as it is.
     """
     global _gc_builds, _gc_threshold
     with _gc_lock:
         if _gc_builds == 0:
             _gc_threshold = gc.get_threshold()
-            gc.set_threshold(max(GC_THRESHOLD, _gc_threshold[0]), *_gc_threshold[1:])
+            if 0 < _gc_threshold[0] < GC_THRESHOLD:
+                gc.set_threshold(GC_THRESHOLD, *_gc_threshold[1:])
         _gc_builds += 1
     try:
         yield
     finally:
         with _gc_lock:
             _gc_builds -= 1
-            if _gc_builds == 0:
+            if _gc_builds == 0 and gc.get_threshold() == (GC_THRESHOLD, *_gc_threshold[1:]):
                 gc.set_threshold(*_gc_threshold)
 
 
