@@ -27,6 +27,7 @@ from tests.test_cluster_support import (
     alive,
     assert_attempts_never_overlap,
     stage_processes,
+    titled_processes,
     wait_until,
 )
 
@@ -84,7 +85,7 @@ def test_stage_watcher_counts_workers_not_their_forked_children(tmp_path):
     second = None
     try:
         key = ("feedfacecafe", "corpus")
-        wait_until(lambda: len(_titled(title)) >= 2, "the worker and its forked child", 10, interval=0.05)
+        wait_until(lambda: len(titled_processes(title)) >= 2, "the worker and its forked child", 10, interval=0.05)
         assert stage_processes()[key] == [first.pid]
         second = subprocess.Popen(["bash", "-c", f"exec -a '{title}' sleep 30"], start_new_session=True)
         wait_until(lambda: len(stage_processes().get(key, [])) == 2, "a second worker counted", 10, interval=0.05)
@@ -94,18 +95,6 @@ def test_stage_watcher_counts_workers_not_their_forked_children(tmp_path):
             if proc is not None:
                 os.killpg(proc.pid, signal.SIGKILL)  # the process, its subshell and their sleeps
                 proc.wait()
-
-
-def _titled(title: str) -> list[int]:
-    pids = []
-    for entry in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            with open(f"/proc/{entry}/cmdline", "rb") as f:
-                if f.read().split(b"\0", 1)[0].decode(errors="replace") == title:
-                    pids.append(int(entry))
-        except OSError:
-            continue
-    return pids
 
 
 def test_sigkill_of_serve_mid_run_loses_nothing_and_runs_nothing_twice(deployment, git_server):

@@ -288,16 +288,11 @@ class StageWatcher:
         self._thread.join(timeout=5)
 
 
-def stage_processes() -> dict[tuple[str, str], list[int]]:
-    """(run id, stage) -> pids of the live Ray workers executing that stage now (by process title).
-
-    A child the worker forks (git, say) carries the worker's title until it execs: it is not a
-    second worker running the stage, and is left out (seen as a "double" before this was so).
-    """
-    found: dict[int, tuple[tuple[str, str], int]] = {}  # pid -> ((run id, stage), parent pid)
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
+def titled_processes(prefix: str) -> dict[int, tuple[str, int]]:
+    """pid -> (process title, parent pid) of the live (not zombie) processes whose title starts
+    with `prefix`."""
+    found: dict[int, tuple[str, int]] = {}
+    for entry in filter(str.isdigit, os.listdir("/proc")):
         try:
             with open(f"/proc/{entry}/cmdline", "rb") as f:
                 title = f.read().split(b"\0", 1)[0].decode(errors="replace")
@@ -305,13 +300,23 @@ def stage_processes() -> dict[tuple[str, str], list[int]]:
                 state, ppid = f.read().rsplit(")", 1)[1].split()[:2]
         except OSError:
             continue
-        if title.startswith("ray::charforge-") and state != "Z":
-            stage, _, run_id = title.removeprefix("ray::charforge-").partition("-")
-            found[int(entry)] = ((run_id, stage), int(ppid))
+        if title.startswith(prefix) and state != "Z":
+            found[int(entry)] = (title, int(ppid))
+    return found
+
+
+def stage_processes() -> dict[tuple[str, str], list[int]]:
+    """(run id, stage) -> pids of the live Ray workers executing that stage now (by process title).
+
+    A child the worker forks (git, say) carries the worker's title until it execs: it is not a
+    second worker running the stage, and is left out (seen as a "double" before this was so).
+    """
+    found = titled_processes("ray::charforge-")
     running: dict[tuple[str, str], list[int]] = {}
-    for pid, (key, ppid) in found.items():
-        if ppid not in found or found[ppid][0] != key:
-            running.setdefault(key, []).append(pid)
+    for pid, (title, ppid) in found.items():
+        if ppid not in found or found[ppid][0] != title:
+            stage, _, run_id = title.removeprefix("ray::charforge-").partition("-")
+            running.setdefault((run_id, stage), []).append(pid)
     return running
 
 
