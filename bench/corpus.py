@@ -14,9 +14,12 @@ included; ~940 MB, ~50,000 files here). In one run it measures, page cache warme
   wall time to the builder's (goal >= 10x);
 - a raw `find DIR -name '*.py' -print0 | xargs -0 cat` (best of --repeat), and the builder's
   throughput on the bytes it kept as a fraction of that (goal >= 50%);
-- the builder's C byte work alone on the files it kept, in one thread (`read_files` and `Sink`:
-  reading, both sha256s, the scans, the byte counts, the writing; no Python per file), best of
-  --repeat: what no build of that corpus can go below on one core;
+- the builder's C byte work alone on the files it kept (`read_files` and `Sink`: reading, both
+  sha256s, the scans, the byte counts, the writing; no walk, no Python per file), best of
+  --repeat, in one thread and in two (the reading apart from the sink, as the builder splits
+  it): what no build of that corpus can go below on one core, and on two with this split;
+- listing the tree alone (`find DIR > /dev/null`), best of --repeat: the walk, which no build
+  skips either;
 - the builder on the tree doubled (two hard-linked copies side by side), whose peak memory must
   stay within 10% of the single tree's (goal), with duplicates dropped (the default) and kept.
 """
@@ -60,11 +63,15 @@ def child(tree: str, out: str, jobs: int, keep_duplicates: bool) -> None:
     }))
 
 
-def floor_child(tree: str, manifest: str, out: str) -> None:
-    """Runs in a subprocess: the builder's C byte work alone, in one thread, on the files a build
-    kept (from its manifest): each read, hashed and scanned (`read_files`), and their text hashed,
-    counted and written (`Sink`); no walk, no path rules, no verdicts, no headers. Wall time as
-    JSON on stdout."""
+def floor_child(tree: str, manifest: str, out: str, threads: str) -> None:
+    """Runs in a subprocess: the builder's C byte work alone on the files a build kept (from its
+    manifest): each read, hashed and scanned (`read_files`), and their text hashed, counted and
+    written (`Sink`); no walk, no path rules, no verdicts, no headers. With `threads` "1" all of
+    it in one thread; with "2" split as the builder splits it, the reading on a thread of its
+    own and the sink on this one (both hold no GIL). Wall time as JSON on stdout."""
+    import queue
+    import threading
+
     from schemas.corpus import CorpusConfig
     from workers.corpus import _native  # type: ignore[attr-defined]
     from workers.corpus.reading import FileReader
@@ -73,23 +80,42 @@ def floor_child(tree: str, manifest: str, out: str) -> None:
     paths = [f["path"] for f in json.loads(Path(manifest).read_text())["files"]]
     config, counts = CorpusConfig(), new_counts()
     reader = FileReader(tree)
-    start = time.perf_counter()
-    with open(out, "wb") as fh:
-        sink, done = _native.Sink(fh.fileno()), 0
+
+    def slices():
+        done = 0
         while done < len(paths):
             window = paths[done:done + 2048]
             reads = reader.read(window, bytes(len(window)), config.max_file_bytes, 1 << 20, config.max_line_length)
-            sink.write([r[3] for r in reads], counts)
+            yield [r[3] for r in reads]
             done += len(reads)
+
+    def read_ahead(ready: queue.Queue) -> None:
+        for texts in slices():
+            ready.put(texts)
+        ready.put(None)
+
+    start = time.perf_counter()
+    with open(out, "wb") as fh:
+        sink = _native.Sink(fh.fileno())
+        if threads == "1":
+            for texts in slices():
+                sink.write(texts, counts)
+        else:
+            ready: queue.Queue = queue.Queue(4)  # as the builder's READ_AHEAD
+            thread = threading.Thread(target=read_ahead, args=(ready,))
+            thread.start()
+            while (texts := ready.get()) is not None:
+                sink.write(texts, counts)
+            thread.join()
     print(json.dumps({"wall": time.perf_counter() - start, "bytes": sink.size}))
 
 
-def run_floor(tree: Path, manifest: Path, out: Path, repeat: int) -> dict:
+def run_floor(tree: Path, manifest: Path, out: Path, repeat: int, threads: int) -> dict:
     """`floor_child` in a child process, best of `repeat`."""
     runs = []
     for _ in range(repeat):
         out.unlink(missing_ok=True)
-        proc = subprocess.run([sys.executable, __file__, "--floor", str(tree), str(manifest), str(out)],
+        proc = subprocess.run([sys.executable, __file__, "--floor", str(tree), str(manifest), str(out), str(threads)],
                               capture_output=True, text=True, check=True)
         runs.append(json.loads(proc.stdout.strip().splitlines()[-1]))
     out.unlink(missing_ok=True)
@@ -153,7 +179,7 @@ def main() -> None:
     parser.add_argument("--no-exec", action="store_true", help="skip the (slow) find -exec cat baseline")
     parser.add_argument("--no-double", action="store_true", help="skip the doubled-tree RSS check")
     parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
-    parser.add_argument("--floor", nargs=3, help=argparse.SUPPRESS)
+    parser.add_argument("--floor", nargs=4, help=argparse.SUPPRESS)
     parser.add_argument("--keep-duplicates", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -220,11 +246,14 @@ def xargs_baseline(tree: Path, work: Path, repeat: int) -> tuple[float, int]:
 def floor_line(tree: Path, manifest: Path, work: Path, repeat: int, wall: float, xargs_rate: float) -> None:
     """The C byte work alone on the files of a build's `manifest`, against `xargs cat`'s rate and
     the builder's `wall`."""
-    floor = run_floor(tree, manifest, work / "floor.txt", repeat)
-    rate = floor["bytes"] / floor["wall"]
-    print(f"C byte work alone, one thread (the kept files read, hashed and scanned; their text hashed, "
-          f"counted, written): {floor['wall']:.2f} s for {mb(floor['bytes'])} = {mb(rate)}/s, "
-          f"{rate / xargs_rate:.0%} of xargs cat; the builder takes {wall / floor['wall']:.2f}x that")
+    listing = min(timed_shell(f"find {q(tree)} > /dev/null") for _ in range(repeat))
+    print(f"listing the tree alone (find DIR > /dev/null): {listing:.2f} s")
+    for threads, how in ((1, "one thread"), (2, "two threads, reading apart from the sink as in the builder")):
+        floor = run_floor(tree, manifest, work / "floor.txt", repeat, threads)
+        rate = floor["bytes"] / floor["wall"]
+        print(f"C byte work alone, {how} (the kept files read, hashed and scanned; their text hashed, "
+              f"counted, written): {floor['wall']:.2f} s for {mb(floor['bytes'])} = {mb(rate)}/s, "
+              f"{rate / xargs_rate:.0%} of xargs cat; the builder takes {wall / floor['wall']:.2f}x that")
 
 
 def without_native(tree: Path, work: Path, jobs: int, repeat: int, wall: float, xargs_seconds: float) -> None:
