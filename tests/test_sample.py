@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import serialization
 
-from schemas.errors import SamplingError
+from schemas.errors import ArtifactNotFound, SamplingError
 from schemas.events import EventKind
 from schemas.results import CorpusResult
 from schemas.sampling import SampleConfig
@@ -313,3 +313,13 @@ def test_corpus_figures_are_computed_once_and_cached_beside_the_corpus(tmp_path,
     reporter = ListReporter()
     run_sample_stage(storage, RUN, config, reporter, checkpoint_key=ckpt_key, corpus=other)
     assert reporter.of(EventKind.ARTIFACT)[0]["meta"]["corpus_metrics"]["bracket_balance"] == 1.0
+
+
+def test_sample_stage_names_the_steps_there_are_when_its_checkpoint_is_gone(tmp_path, trained):
+    """`--set sample.checkpoint=N` at submit: step N may never be written, or be rotated away."""
+    model, vocab = trained
+    storage = LocalStorage(tmp_path)
+    write_checkpoint(storage, model, vocab, step=40)
+    with pytest.raises(ArtifactNotFound, match="no checkpoint at step 90; available steps: 40"):
+        run_sample_stage(storage, RUN, SampleConfig(num_samples=1, length=5, checkpoint="90"), ListReporter(),
+                         checkpoint_key=keys.checkpoint(RUN, 90))

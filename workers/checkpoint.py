@@ -191,17 +191,21 @@ def available_steps(storage: Storage, run_id: str) -> list[int]:
     return sorted(steps)
 
 
+def require_checkpoint(storage: Storage, run_id: str, key: str) -> str:
+    """`key`, when that checkpoint of the run exists; else an error naming the steps that do."""
+    if storage.exists(key):
+        return key
+    match = _STEP_FILE.search(key)
+    steps = ", ".join(map(str, available_steps(storage, run_id))) or "none"
+    what = f"at step {int(match.group(1))}" if match else key
+    raise ArtifactNotFound(f"run {run_id} has no checkpoint {what}; available steps: {steps}")
+
+
 def find_checkpoint(storage: Storage, run_id: str, which: str = "latest") -> str:
     """The key of a run's "latest", "best" or step-N checkpoint (N given as text)."""
     which = str(which).strip().lower()
     if which.isdigit():
-        key = keys.checkpoint(run_id, int(which))
-        if storage.exists(key):
-            return key
-        steps = ", ".join(map(str, available_steps(storage, run_id))) or "none"
-        raise ArtifactNotFound(
-            f"run {run_id} has no checkpoint at step {int(which)}; available steps: {steps}"
-        )
+        return require_checkpoint(storage, run_id, keys.checkpoint(run_id, int(which)))
     if which not in ("latest", "best"):
         raise InvalidSpec(f"checkpoint must be 'latest', 'best' or a step number, got {which!r}")
     pointer = read_pointer(storage, run_id)

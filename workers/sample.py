@@ -279,11 +279,13 @@ def run_sample_stage(
     device: str | None = None,
 ) -> SampleResult:
     """Generate one batch from `checkpoint_key`, measure it, store it, report it as an artifact."""
-    from workers.checkpoint import (
-        load_checkpoint,  # torch-heavy; imported when a stage runs
+    from workers.checkpoint import (  # torch-heavy; imported when a stage runs
+        load_checkpoint,
+        require_checkpoint,
     )
 
-    ckpt = load_checkpoint(storage, checkpoint_key, map_location="cpu")
+    # A step named at submit (`--set sample.checkpoint=N`) may never have been written, or rotated away.
+    ckpt = load_checkpoint(storage, require_checkpoint(storage, run_id, checkpoint_key), map_location="cpu")
     model = ckpt.build_model()
     config = config.model_copy(update={"seed": config.seed if config.seed is not None else new_seed()})
     language = corpus.main_language if corpus else None
