@@ -28,7 +28,9 @@ def home(tmp_path_factory, git_server):
 @pytest.fixture(scope="module")
 def trained(home, git_server, local_ray):
     git_server.publish("acme/cli", source_files())
-    result, runs = submit_json("--repo", "acme/cli", "--preset", "tiny", "--name", "cli-run")
+    result, runs = submit_json("--repo", "acme/cli", "--preset", "tiny", "--name", "cli-run",
+                               "--set", "sample.length=48", "--set", "sample.top_k=3",
+                               "--set", "corpus.file_header=false")
     assert result.exit_code == 0, result.output
     return runs[0]
 
@@ -45,6 +47,23 @@ def test_sample_is_reproducible_and_recorded(trained):
     status = json.loads(invoke("jobs", "status", trained["id"], "--json").stdout)
     keys = [s["key"] for s in status["samples"]]
     assert first["key"] in keys and second["key"] in keys
+
+
+def test_sample_takes_the_runs_settings_where_no_option_is_given(trained):
+    taken = json.loads(invoke("jobs", "sample", trained["id"], "-n", "2", "--json").stdout)["samples"]
+    assert [len(s["text"]) for s in taken] == [48, 48]  # sample.length=48 at submit
+    assert taken[0]["options"]["top_k"] == 3 and taken[0]["options"]["num_samples"] == 2
+    given = invoke("jobs", "sample", trained["id"], "-n", "1", "--length", "10", "--top-k", "5", "--argmax",
+                   "--json")
+    [record] = json.loads(given.stdout)["samples"]
+    assert len(record["text"]) == 10 and record["options"]["top_k"] == 5 and record["options"]["argmax"]
+
+
+def test_sample_refuses_a_prime_and_a_prime_file_together(trained, tmp_path):
+    prime = tmp_path / "prime.txt"
+    prime.write_text("def ")
+    result = invoke("jobs", "sample", trained["id"], "--prime", "x", "--prime-file", str(prime))
+    assert result.exit_code == 1 and "--prime or --prime-file, not both" in result.stderr
 
 
 def test_sample_refuses_a_prime_the_model_never_saw(trained):
@@ -72,7 +91,10 @@ def test_eval_on_a_file_and_on_a_repo(trained, tmp_path, git_server):
     assert 0 < scores["nats_per_char"] < math.log(200)
     repo = invoke("jobs", "eval", trained["id"], "--repo", "acme/cli", "--json")
     assert repo.exit_code == 0, repo.output
-    assert json.loads(repo.stdout)["chars"] > 100
+    # Built with the run's corpus settings (no headers here), the repo's text is the run's corpus.
+    status = json.loads(invoke("jobs", "status", trained["id"], "--json").stdout)
+    corpus = load_settings().storage().get_bytes(status["corpus"]["key"]).decode()
+    assert json.loads(repo.stdout)["chars"] == len(corpus) - 1
     neither = invoke("jobs", "eval", trained["id"])
     assert neither.exit_code == 1 and "exactly one of --file" in neither.stderr
 
@@ -110,7 +132,7 @@ def test_logs_tell_the_story_of_the_run(trained):
 
 def test_fine_tuning_starts_from_another_runs_weights(trained, git_server):
     result, runs = submit_json("--repo", "acme/cli", "--preset", "tiny", "--init-from", trained["id"],
-                               "--set", "max_iters=20")
+                               "--set", "max_iters=20", "--set", "corpus.file_header=false")  # as trained's
     assert result.exit_code == 0, result.output
     spec = runs[0]["spec"]
     assert spec["init_from"] == trained["id"] and spec["init_from_checkpoint"].startswith(f"runs/{trained['id']}/")

@@ -53,21 +53,33 @@ def _sample_on_ray(cfg: Any, run_id: str, config: SampleConfig, checkpoint_key: 
     return result, events
 
 
+SAMPLE_COUNT = 4  # samples `jobs sample` asks for when -n is not given (the pipeline's stage: the run's)
+
+
 @jobs_app.command()
 def sample(
     run: Annotated[str, typer.Argument(help="Run id (or a unique prefix).")],
-    checkpoint: Annotated[str, typer.Option(help="best, latest, or a step number.")] = "best",
-    num_samples: Annotated[int, typer.Option("-n", "--num-samples", help="Samples in the batch.")] = 4,
-    length: Annotated[int, typer.Option(help="Characters to generate per sample.")] = 500,
-    temperature: Annotated[float, typer.Option(help="Softmax temperature; 0 means argmax.")] = 0.8,
-    top_k: Annotated[int | None, typer.Option(help="Sample among the k likeliest characters only.")] = None,
-    prime: Annotated[str, typer.Option(help="Text every sample starts with.")] = "",
+    checkpoint: Annotated[str | None, typer.Option(
+        help="best, latest, or a step number. Default: the run's (best unless set at submit).")] = None,
+    num_samples: Annotated[int, typer.Option("-n", "--num-samples", help="Samples in the batch.")] = SAMPLE_COUNT,
+    length: Annotated[int | None, typer.Option(
+        help="Characters to generate per sample. Default: the run's (500 unless set at submit).")] = None,
+    temperature: Annotated[float | None, typer.Option(
+        help="Softmax temperature; 0 means argmax. Default: the run's (0.8 unless set at submit).")] = None,
+    top_k: Annotated[int | None, typer.Option(
+        help="Sample among the k likeliest characters only. Default: the run's (all unless set at submit).")] = None,
+    prime: Annotated[str | None, typer.Option(help="Text every sample starts with. Default: the run's.")] = None,
     prime_file: Annotated[Path | None, typer.Option(help="Read the prime text from this file.")] = None,
-    seed: Annotated[int | None, typer.Option(help="Random seed: the same seed gives the same text.")] = None,
-    argmax: Annotated[bool, typer.Option(help="Always take the likeliest character.")] = False,
+    seed: Annotated[int | None, typer.Option(
+        help="Random seed: the same seed gives the same text. Default: the run's, or a fresh one.")] = None,
+    argmax: Annotated[bool | None, typer.Option(
+        "--argmax/--no-argmax", help="Always take the likeliest character. Default: the run's.")] = None,
     json_: JsonFlag = False,
 ) -> None:
-    """Generate a new batch of samples from a run's checkpoint, store it, and print it."""
+    """Generate a new batch of samples from a run's checkpoint, store it, and print it.
+
+    Options not given take the run's sampling settings (`--set sample.KEY=V` at submit).
+    """
     from workers.checkpoint import find_checkpoint
     from workers.sample import read_samples
 
@@ -76,19 +88,20 @@ def sample(
     storage = cfg.storage()
     view = store.get_run(run)
     if prime_file is not None:
+        if prime is not None:
+            raise UserError("give --prime or --prime-file, not both")
         try:
             prime = prime_file.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as exc:
             raise UserError(f"cannot read --prime-file {prime_file}: {exc}") from None
+    given = {"num_samples": num_samples, "length": length, "temperature": temperature, "top_k": top_k,
+             "prime": prime, "seed": seed, "argmax": argmax, "checkpoint": checkpoint}
     try:
-        config = SampleConfig.model_validate({
-            **view.spec.get("sample", {}), "num_samples": num_samples, "length": length,
-            "temperature": temperature, "top_k": top_k, "prime": prime, "seed": seed, "argmax": argmax,
-            "checkpoint": checkpoint,
-        })
+        config = SampleConfig.model_validate(
+            {**view.spec.get("sample", {}), **{k: v for k, v in given.items() if v is not None}})
     except ValidationError as err:
         raise UserError(f"invalid option: {describe_errors(err)}") from None
-    key = find_checkpoint(storage, view.id, checkpoint)
+    key = find_checkpoint(storage, view.id, config.checkpoint)
     corpus = _corpus_result(store, view.id)
     if cfg.embedded:
         result, events = _sample_locally(storage, view.id, config, key, corpus)
@@ -174,7 +187,9 @@ def export(
 def eval_(
     run: Annotated[str, typer.Argument(help="Run id (or a unique prefix).")],
     file: Annotated[Path | None, typer.Option(help="A text file to score.")] = None,
-    repo: Annotated[list[str] | None, typer.Option(help="Build a corpus from this repo and score it.")] = None,
+    repo: Annotated[list[str] | None, typer.Option(
+        help="Build a corpus from this repo, with the run's corpus settings (filters, headers), and score it.",
+    )] = None,
     checkpoint: Annotated[str, typer.Option(help="best, latest, or a step number.")] = "best",
     streams: Annotated[int, typer.Option(
         min=1, max=1024,
@@ -202,7 +217,9 @@ def eval_(
             from workers.corpus import build_corpus_file
 
             file = Path(tmp) / "corpus.txt"
-            build_corpus_file(repo, CorpusConfig(), file, git_base_url=cfg.git_base_url)
+            # The run's own filters and layout (headers), so the text reads like what it trained on.
+            corpus = CorpusConfig.model_validate(view.spec.get("corpus", {}))
+            build_corpus_file(repo, corpus, file, git_base_url=cfg.git_base_url)
         assert file is not None  # --file, or the corpus just built from --repo
         result = evaluate_file(storage, key, file, streams=streams)
     payload = {"run": view.id, "chars": result.chars, "nats_per_char": result.nats_per_char,
