@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import fnmatch
 import secrets
+import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, cast
@@ -258,12 +259,28 @@ class RunStore(ClusterQueries):
         except IllegalTransition:
             return self.cancel(view.id)  # it moved meanwhile; decide again on its new status
 
-    def resume(self, run_id: str) -> RunView:
-        """Queue a failed or cancelled run again; it continues from its last checkpoint."""
-        view = self.get_run(run_id)
+    def resume(self, run_id: str, *, stale_after: float | None = None) -> RunView:
+        """Queue a failed or cancelled run again; it continues from its last checkpoint.
+
+        With `stale_after`, also a running run whose heartbeat is older than that many seconds:
+        its dispatcher died (an embedded submit killed, say) and no `charforge serve` recovered
+        it. It is recovered as a serve would (open attempts closed as lost, conditional on the
+        dispatcher seen), by hand.
+        """
+        rid = self.resolve_id(run_id)
+        # The owner first: a claim after this read would stamp a fresh heartbeat on the run.
+        _, owner = self.owners([rid])[rid]
+        view = self.get_run(rid)
+        silent = view.silent_for(utcnow())
+        if stale_after is not None and silent is not None and silent > stale_after:
+            return self.recover(view.id, f"no heartbeat for {silent:.0f}s; resumed by user",
+                                max_recoveries=sys.maxsize, owner=owner)
         if view.status not in (RunStatus.FAILED, RunStatus.CANCELLED):
+            alive = f" (heartbeat {silent:.0f}s ago)" if silent is not None else ""
+            also = (f", or running ones with no heartbeat for over {stale_after:g}s"
+                    if stale_after is not None else "")
             raise IllegalTransition(
-                f"run {view.id} is {view.status.value}: only failed or cancelled runs can be resumed"
+                f"run {view.id} is {view.status.value}{alive}: only failed or cancelled runs{also} can be resumed"
             )
         self.append_log(view.id, f"resumed by user (was {view.status.value})")
         return self.transition(view.id, RunStatus.QUEUED, expected=view.status)

@@ -203,4 +203,10 @@ def test_a_silent_running_run_never_reads_as_plain_running(env):
     assert shown["status"] == "running" and shown["stale"] is True and shown["heartbeat_age_s"] >= 300
     text = invoke("jobs", "status", run.id).stdout
     assert "running, no heartbeat for 30" in text and "charforge serve" in text
+    assert f"charforge jobs resume {run.id}" in " ".join(text.split())  # however the note wraps
     assert "no heartbeat" in invoke("jobs", "list").stdout
+    # Nobody serves: the user takes it back by hand.
+    resumed = invoke("jobs", "resume", run.id, "--detach", "--json")
+    assert resumed.exit_code == 0, resumed.output
+    assert json.loads(resumed.stdout)[0]["status"] == "queued"
+    assert store.get_run(run.id).attempts == [] and "lost: no heartbeat" in invoke("jobs", "logs", run.id).stdout

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import threading
 from datetime import timedelta
 
@@ -78,6 +79,26 @@ def test_resume_requeues_failed_runs_only(store: RunStore) -> None:
     store.transition(run.id, RunStatus.FAILED, error="worker exploded")
     view = store.resume(run.id)
     assert view.status is RunStatus.QUEUED and view.error is None and view.finished_at is None
+
+
+def test_resume_takes_back_a_running_run_whose_heartbeat_stopped(store: RunStore) -> None:
+    run = store.create_run(_spec())
+    store.claim("d1", 1)
+    store.heartbeat("d1", [run.id])
+    with pytest.raises(IllegalTransition, match=r"running \(heartbeat \d+s ago\): only failed or cancelled runs, "
+                                                "or running ones with no heartbeat for over 60s"):
+        store.resume(run.id, stale_after=60)
+    with store.engine.begin() as conn:
+        conn.execute(update(Run).where(Run.id == run.id).values(heartbeat_at=utcnow() - timedelta(minutes=5)))
+    with pytest.raises(IllegalTransition, match="only failed or cancelled runs can be resumed"):
+        store.resume(run.id)  # without stale_after, as before
+    attempt = store.start_attempt(run.id, Stage.FETCH, "d1")
+    view = store.resume(run.id, stale_after=60)
+    assert view.status is RunStatus.QUEUED and store.owners([run.id])[run.id] == (RunStatus.QUEUED, None)
+    assert [a.outcome for a in view.attempts] == ["lost"] and attempt == 1
+    assert any(re.fullmatch(r"lost: no heartbeat for 30\ds; resumed by user", line.message)
+               for line in store.logs(run.id))
+    assert store.claim("d2", 1)[0].id == run.id  # and any dispatcher can take it
 
 
 def test_claims_never_hand_a_run_to_two_dispatchers(store: RunStore) -> None:

@@ -204,14 +204,20 @@ def cancel(runs: Annotated[list[str], typer.Argument(help="Run ids to cancel.")]
 
 @jobs_app.command()
 def resume(
-    run: Annotated[str, typer.Argument(help="A failed or cancelled run.")],
+    run: Annotated[str, typer.Argument(
+        help="A failed or cancelled run, or a running one whose heartbeat stopped (its dispatcher died).")],
     detach: Annotated[bool, typer.Option(help="Queue it and return; `charforge serve` continues it.")] = False,
     json_: JsonFlag = False,
 ) -> None:
-    """Continue a failed or cancelled run from its last checkpoint (finished stages are kept)."""
+    """Continue a failed or cancelled run from its last checkpoint (finished stages are kept).
+
+    A run shown as "running, no heartbeat for Ns" past CHARFORGE_HEARTBEAT_TIMEOUT lost its
+    dispatcher (a submit killed, a machine gone): a `charforge serve` recovers such runs by itself,
+    and this does it by hand.
+    """
     cfg = context.settings()
     store = context.store(cfg)
-    view = store.resume(run)
+    view = store.resume(run, stale_after=cfg.heartbeat_timeout)
     if detach or not cfg.embedded:
         if json_:
             render.print_json([render.status_json(view, cfg.heartbeat_timeout)])

@@ -54,8 +54,8 @@ def status_lines(view: RunView, stale_after: float) -> list[tuple[str, str]]:
         status += f" (stage {view.stage.value})"
     rows = [("status", status)]
     if "no heartbeat" in status:
-        rows.append(("note", "its dispatcher may be gone; a running `charforge serve` recovers it "
-                             "(it resumes from its last checkpoint)"))
+        rows.append(("note", f"its dispatcher may be gone; a running `charforge serve` recovers it, or "
+                             f"`charforge jobs resume {view.id}` does (it resumes from its last checkpoint)"))
     if view.error:
         rows.append(("error", f"[red]{escape(view.error)}[/red]"))
     for repo in repos_of(view):
