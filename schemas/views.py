@@ -6,11 +6,16 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel
+from pydantic import BaseModel, PlainSerializer
 
 from schemas.status import RunStatus, Stage
+
+# A stored time (UTC, made aware where it is read: schemas.models) as every JSON output writes it:
+# `datetime.isoformat()`, "2026-12-05T10:00:00.123456+00:00", in views dumped by pydantic too
+# (whose own form, "...Z", `jobs list --json` printed while `jobs status --json` printed this).
+Timestamp = Annotated[datetime, PlainSerializer(datetime.isoformat, when_used="json")]
 
 
 class MetricPoint(BaseModel):
@@ -19,7 +24,7 @@ class MetricPoint(BaseModel):
     val_loss: float | None = None
     chars_per_sec: float | None = None
     lr: float | None = None
-    recorded_at: datetime | None = None
+    recorded_at: Timestamp | None = None
 
 
 class ArtifactView(BaseModel):
@@ -28,7 +33,7 @@ class ArtifactView(BaseModel):
     size: int
     sha256: str
     meta: dict[str, Any] = {}
-    created_at: datetime | None = None
+    created_at: Timestamp | None = None
 
 
 class StageAttemptView(BaseModel):
@@ -36,15 +41,15 @@ class StageAttemptView(BaseModel):
     attempt: int
     node_id: str | None = None
     dispatcher_id: str | None = None
-    started_at: datetime | None = None
-    finished_at: datetime | None = None
+    started_at: Timestamp | None = None
+    finished_at: Timestamp | None = None
     outcome: str | None = None  # succeeded | failed | retried | cancelled | lost | interrupted
     error: str | None = None
 
 
 class LogLine(BaseModel):
     id: int
-    at: datetime
+    at: Timestamp
     stage: str | None = None
     message: str
 
@@ -54,14 +59,14 @@ class RunSummary(BaseModel):
     name: str
     status: RunStatus
     stage: Stage | None = None
-    created_at: datetime
-    started_at: datetime | None = None
-    finished_at: datetime | None = None
+    created_at: Timestamp
+    started_at: Timestamp | None = None
+    finished_at: Timestamp | None = None
     error: str | None = None
     step: int | None = None
     total_steps: int | None = None
     best_val_loss: float | None = None
-    heartbeat_at: datetime | None = None
+    heartbeat_at: Timestamp | None = None
 
     def silent_for(self, now: datetime) -> float | None:
         """Seconds since a running run's last heartbeat (None when it is not running)."""
@@ -72,7 +77,7 @@ class RunSummary(BaseModel):
 
 class RunView(RunSummary):
     spec: dict[str, Any]  # the resolved RunSpec, as stored
-    queued_at: datetime | None = None
+    queued_at: Timestamp | None = None
     attempts: list[StageAttemptView] = []
     repos: list[dict[str, Any]] = []  # [{spec, url, commit}]
     corpus: dict[str, Any] | None = None  # {key, bytes, files, vocab_size, ...}
@@ -89,7 +94,7 @@ class RunView(RunSummary):
 
     def to_status_json(self) -> dict[str, Any]:
         def ts(value: datetime | None) -> str | None:
-            return value.isoformat() if value else None
+            return value.isoformat() if value else None  # as Timestamp
 
         return {
             "id": self.id,

@@ -201,6 +201,9 @@ def test_a_silent_running_run_never_reads_as_plain_running(env):
         conn.execute(update(Run).where(Run.id == run.id).values(heartbeat_at=utcnow() - timedelta(seconds=300)))
     shown = json.loads(invoke("jobs", "status", run.id, "--json").stdout)
     assert shown["status"] == "running" and shown["stale"] is True and shown["heartbeat_age_s"] >= 300
+    [listed] = json.loads(invoke("jobs", "list", "--json").stdout)
+    for stamp in ("created_at", "started_at", "heartbeat_at"):  # one form of time in every JSON output
+        assert listed[stamp] == shown[stamp] and shown[stamp].endswith("+00:00")
     text = invoke("jobs", "status", run.id).stdout
     assert "running, no heartbeat for 30" in text and "charforge serve" in text
     assert f"charforge jobs resume {run.id}" in " ".join(text.split())  # however the note wraps

@@ -66,10 +66,6 @@ def samples(run_id: str, batch_id: str) -> str:
     return run_prefix(run_id) + f"samples/{_check_id(batch_id, 'batch id')}.jsonl"
 
 
-def run_log(run_id: str) -> str:
-    return run_prefix(run_id) + "log.txt"
-
-
 def export(export_id: str, fmt: str) -> str:
     if fmt not in FORMATS:
         raise ValueError(f"invalid export format {fmt!r}")

@@ -125,7 +125,7 @@ def _silence(run: RunSummary, stale_after: float) -> dict[str, Any]:
 
 
 def summary_json(run: RunSummary, stale_after: float) -> dict[str, Any]:
-    """One run in `jobs list --json` (and detached `submit --json`)."""
+    """One run in `jobs list --json`."""
     fields = json.loads(run.model_dump_json(include={
         "id", "name", "status", "stage", "created_at", "started_at", "finished_at", "error",
         "step", "total_steps", "best_val_loss", "heartbeat_at",
