@@ -55,7 +55,11 @@ def parse_repo_spec(spec: str, *, cwd: Path | None = None) -> RepoSpec:
         raise InvalidSpec(f"repo spec {raw!r} starts with '-': refused (git would read it as an option)")
     if "::" in raw or raw.lower().startswith(("ext:", "fd:")):
         raise InvalidSpec(f"repo spec {raw!r} names a git remote helper (ext::, fd::): refused")
-    if any(ch in raw for ch in "\0\n\r\t ") and not Path(raw).exists():
+
+    def here(path: Path) -> Path:  # a relative path is relative to `cwd`, not this process's
+        return path if path.is_absolute() else (cwd or Path.cwd()) / path
+
+    if any(ch in raw for ch in "\0\n\r\t ") and ("\0" in raw or not here(Path(raw)).exists()):
         raise InvalidSpec(f"repo spec {raw!r} contains whitespace or control characters")
 
     ref: str | None = None
@@ -82,10 +86,10 @@ def parse_repo_spec(spec: str, *, cwd: Path | None = None) -> RepoSpec:
     if _SCP.match(raw.split("#", 1)[0]):
         return RepoSpec(spec=raw, kind=RepoKind.URL, location=raw)
 
-    local = Path(raw).expanduser()
+    local = here(Path(raw).expanduser())
+    # A path that exists is a local directory, even one named like owner/name (write the owner/name
+    # of a remote from elsewhere, or its URL, to fetch it instead).
     if raw.startswith((".", "/", "~")) or local.exists():
-        if not local.is_absolute():
-            local = (cwd or Path.cwd()) / local
         local = local.resolve()
         if not local.is_dir():
             raise InvalidSpec(f"local repo {raw!r} is not a directory")

@@ -39,6 +39,16 @@ def test_local_paths_become_absolute(tmp_path):
         parse_repo_spec(str(tmp_path / "missing"))
 
 
+def test_an_owner_name_that_exists_under_cwd_is_that_folder(tmp_path):
+    """Relative to `cwd` (the submitter's directory), not to this process's own."""
+    assert parse_repo_spec("acme/widgets", cwd=tmp_path).kind is RepoKind.SHORTHAND
+    (tmp_path / "acme" / "widgets").mkdir(parents=True)
+    parsed = parse_repo_spec("acme/widgets", cwd=tmp_path)
+    assert parsed.kind is RepoKind.LOCAL and parsed.location == str(tmp_path / "acme" / "widgets")
+    (tmp_path / "my proj").mkdir()  # a space is fine in a folder that exists there
+    assert parse_repo_spec("my proj", cwd=tmp_path).location == str(tmp_path / "my proj")
+
+
 @pytest.mark.parametrize("spec, reason", [
     ("--upload-pack=touch /tmp/x", "starts with '-'"),
     ("-c", "starts with '-'"),
