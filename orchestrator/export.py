@@ -29,7 +29,7 @@ from orchestrator.archive import Destination, Member, atomic_file, write_archive
 from schemas.errors import StorageError, UserError
 from schemas.views import ArtifactView, RunView
 from workers import keys
-from workers.storage import Storage, check_key, file_sha256, open_storage
+from workers.storage import Storage, check_key, file_sha256, open_storage, unwritable_kind
 
 FORMATS = keys.FORMATS
 MANIFEST_VERSION = 1
@@ -123,6 +123,9 @@ def resolve_destination(
         path = path / default_name
     elif not path.parent.is_dir():
         raise UserError(f"cannot write {out}: directory {path.parent} does not exist")
+    kind = unwritable_kind(path)
+    if kind is not None:
+        raise UserError(f"cannot write {path}: it is {kind}; give a new path or a regular file to replace")
     return Destination(path.resolve(), None, None, str(path.resolve()))
 
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import stat
 
 import pytest
 from typer.testing import CliRunner
@@ -124,7 +126,8 @@ def test_output_errors_are_one_line_and_leave_the_old_files(tmp_path):
     out.write_text("old corpus\n")
     (tmp_path / "afile").write_text("")
     for args, message in [
-        (["--out", tmp_path], f"cannot write {tmp_path}: it is a directory"),
+        (["--out", tmp_path], f"cannot write {tmp_path}: it is a directory; give a new path or a regular "
+                              "file to replace"),
         (["--out", "/proc/x/o.txt"], "cannot write /proc/x/o.txt: No such file or directory"),
         (["--out", out, "--manifest", "/proc/x/m.json"], "cannot write /proc/x/m.json: No such file or directory"),
         (["--out", out, "--manifest", tmp_path / "afile" / "m.json"],
@@ -135,6 +138,28 @@ def test_output_errors_are_one_line_and_leave_the_old_files(tmp_path):
         assert (result.exit_code, result.stderr) == (1, f"error: {message}\n")
     assert out.read_text() == "old corpus\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "c.txt", "src"]  # no temporaries
+
+
+def test_an_output_that_is_a_device_fifo_or_link_is_refused_and_left_alone(tmp_path):
+    """Written beside and renamed onto its destination, a corpus would replace the node itself
+    (and delete it): as root, --out /dev/full did."""
+    folder = _plain(tmp_path)
+    fifo, link, device = tmp_path / "fifo", tmp_path / "link", tmp_path / "null"
+    os.mkfifo(fifo)
+    (tmp_path / "target.txt").write_text("kept\n")
+    link.symlink_to(tmp_path / "target.txt")
+    outs = [(fifo, "a FIFO", stat.S_ISFIFO), (link, "a symbolic link", stat.S_ISLNK)]
+    if os.geteuid() == 0:  # mknod needs root
+        os.mknod(device, 0o666 | stat.S_IFCHR, os.makedev(1, 3))
+        outs.append((device, "a character device", stat.S_ISCHR))
+    for out, kind, still in outs:
+        for args in (["--out", out], ["--out", tmp_path / "c.txt", "--manifest", out]):
+            result = _build(folder, *args)
+            assert (result.exit_code, result.stderr) == (
+                1, f"error: cannot write {out}: it is {kind}; give a new path or a regular file to replace\n")
+            assert still(os.lstat(out).st_mode)
+    assert (tmp_path / "target.txt").read_text() == "kept\n"
+    assert not (tmp_path / "c.txt").exists()
 
 
 def test_manifest_in_a_new_directory(tmp_path):

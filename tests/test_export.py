@@ -5,7 +5,9 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 import secrets
+import stat
 import tarfile
 import tracemalloc
 import zipfile
@@ -192,6 +194,20 @@ def test_destination_errors_are_one_line(tmp_path, world):
         errors.append(err)
     for message in (str(e.value) for e in errors):
         assert "\n" not in message
+
+
+def test_a_destination_that_is_a_fifo_or_link_is_refused_and_left_alone(tmp_path, world):
+    """The archive is renamed onto its destination: over a FIFO or device that would replace the node."""
+    storage, runs = world
+    fifo, link = tmp_path / "fifo.tar.gz", tmp_path / "link.tar.gz"
+    os.mkfifo(fifo)
+    link.symlink_to(tmp_path / "elsewhere.tar.gz")
+    for out, kind in ((fifo, "a FIFO"), (link, "a symbolic link")):
+        with pytest.raises(UserError) as err:
+            export_runs(runs, storage, str(out))
+        assert str(err.value) == f"cannot write {out}: it is {kind}; give a new path or a regular file to replace"
+    assert stat.S_ISFIFO(os.lstat(fifo).st_mode) and link.is_symlink()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fifo.tar.gz", "link.tar.gz"]
 
 
 def test_existing_directory_gets_a_generated_name_and_no_out_uses_storage(tmp_path, world):

@@ -12,6 +12,7 @@ import hashlib
 import os
 import re
 import shutil
+import stat
 import tempfile
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
@@ -80,6 +81,25 @@ class HashingWriter:
     @property
     def sha256(self) -> str:
         return self._hash.hexdigest()
+
+
+_KINDS = ((stat.S_ISLNK, "a symbolic link"), (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+          (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"), (stat.S_ISDIR, "a directory"))
+
+
+def unwritable_kind(path: Path) -> str | None:
+    """What `path` is when it exists as anything but a regular file ("a FIFO", ...), else None.
+
+    Outputs are written beside their destination and renamed onto it: over a device, FIFO or
+    link that would replace (and then delete) the node itself, /dev/full included.
+    """
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return None
+    except OSError:
+        return None  # unreadable here: the write itself says why
+    return next((kind for test, kind in _KINDS if test(mode)), None if stat.S_ISREG(mode) else "not a regular file")
 
 
 def file_sha256(path: Path) -> str:
