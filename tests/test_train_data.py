@@ -5,7 +5,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from schemas.corpus import CorpusConfig
+from schemas.errors import CorpusError
 from schemas.results import CorpusResult
 from schemas.training import PRESETS
 from tests.test_train import code_text, make_corpus
@@ -14,6 +17,7 @@ from workers.data import (
     corpus_char_counts,
     corpus_vocab,
     count_codepoints,
+    prepare_corpus,
     read_manifest_head,
 )
 from workers.storage import LocalStorage
@@ -78,3 +82,19 @@ def test_manifest_counts_are_used_only_when_they_add_up_to_the_text(tmp_path: Pa
     assert corpus_char_counts(other, stored(other, text, wrong)) == {"a": 2, "b": 1}
     broken = LocalStorage(tmp_path / "broken")
     assert corpus_char_counts(broken, stored(broken, text, b'{"vocab": 7}')) == {"a": 2, "b": 1}
+
+
+def test_a_corpus_damaged_in_storage_is_refused_when_encoded(tmp_path: Path) -> None:
+    """The text is hashed as it is encoded and checked against the manifest's record."""
+    text_path, manifest_path = built_corpus(tmp_path)
+    text, manifest = text_path.read_bytes(), manifest_path.read_bytes()
+    storage = LocalStorage(tmp_path / "s")
+    corpus = stored(storage, text, manifest)
+    assert prepare_corpus(storage, corpus, TRAIN).length == len(text.decode())  # intact: encoded
+    damaged = text.replace(b"x = ", b"y = ", 1)  # same size, one byte changed
+    other = stored(LocalStorage(tmp_path / "d"), damaged, manifest)
+    storage = LocalStorage(tmp_path / "d")
+    with pytest.raises(CorpusError, match=rf"corpus {other.hash[:12]} is damaged in storage: .* its manifest says "
+                                          rf"{json.loads(manifest)['text']['sha256'][:12]}; delete corpora/"):
+        prepare_corpus(storage, other, TRAIN)
+    assert not any(k.endswith(".bin") for k in storage.list("corpora/"))  # no encoding kept

@@ -84,6 +84,23 @@ def corpus_char_counts(storage: Storage, corpus: CorpusResult) -> dict[str, int]
     return counts
 
 
+def _hashed(blocks: Iterable[bytes], digest: Any) -> Iterator[bytes]:
+    for block in blocks:
+        digest.update(block)
+        yield block
+
+
+def _manifest_text(storage: Storage, corpus: CorpusResult) -> str | None:
+    """The sha256 the corpus's manifest records for its text (None: no manifest, or none there)."""
+    if not storage.exists(corpus.manifest_key):
+        return None
+    try:
+        sha256 = read_manifest_head(storage, corpus.manifest_key)["text"]["sha256"]
+    except (KeyError, TypeError, ValueError):
+        return None
+    return sha256 if isinstance(sha256, str) else None
+
+
 def _manifest_counts(storage: Storage, corpus: CorpusResult) -> dict[str, int] | None:
     """The manifest's counts, if it has them and they add up to the stored text's size in UTF-8
     (a cheap check that they describe this very text); None otherwise."""
@@ -167,11 +184,20 @@ def prepare_corpus(
         meta = json.loads(storage.get_bytes(meta_key))
         return EncodedCorpus(bin_key, Vocab.from_list(meta["chars"]), int(meta["length"]))
     length = 0
-    with storage.writer(bin_key) as out:
-        for chunk in _storage_chunks(storage, corpus.text_key):
+    expected = _manifest_text(storage, corpus)
+    seen = hashlib.sha256()
+    with storage.writer(bin_key) as out, storage.open(corpus.text_key) as fh:
+        blocks = iter(lambda: fh.read(TEXT_CHUNK), b"")
+        for chunk in read_text_chunks(_hashed(blocks, seen)):
             ids = vocab.encode(chunk)
             out.write(ids.tobytes())
             length += len(ids)
+        if expected is not None and expected != seen.hexdigest():  # the encoding is not kept
+            raise CorpusError(
+                f"corpus {corpus.hash[:12]} is damaged in storage: {corpus.text_key} has sha256 "
+                f"{seen.hexdigest()[:12]}, its manifest says {expected[:12]}; delete "
+                f"{keys.corpus_prefix(corpus.hash)} to have it built again"
+            )
     storage.put_bytes(meta_key, json.dumps({
         "chars": vocab.to_list(), "length": length, "dtype": vocab.dtype.name,
         "sha256": out.sha256, "corpus_hash": corpus.hash,
