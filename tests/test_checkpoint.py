@@ -60,6 +60,26 @@ def test_round_trip_keeps_everything(tmp_path: Path) -> None:
     optimizer.load_state_dict(back.optimizer_state)  # usable as is
 
 
+def test_a_checkpoint_damaged_in_storage_is_refused(tmp_path: Path) -> None:
+    """A flipped byte inside a tensor loads without complaint from torch (its zip CRCs are not
+    checked): the sha256 latest.json recorded at writing is."""
+    storage = LocalStorage(tmp_path)
+    key = keys.checkpoint(RUN, 7)
+    info = save_checkpoint(storage, key, _checkpoint())
+    record_checkpoint(storage, RUN, 7, key, 1.5, keep_last=2, sha256=info.sha256)
+    assert load_checkpoint(storage, key).step == 7
+    path = storage.root / key
+    data = bytearray(path.read_bytes())
+    weights = data.find(b"data/0") + 4096  # well inside the first tensor's bytes
+    data[weights] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(TrainingError, match=rf"checkpoint '{key}' refused: its sha256 is \w{{12}}, not the "
+                                            rf"{info.sha256[:12]} recorded when it was written"):
+        load_checkpoint(storage, key)
+    record_checkpoint(storage, RUN, 7, key, 1.5, keep_last=2)  # as before checkpoints carried it: unchecked
+    assert load_checkpoint(storage, key).step == 7
+
+
 def test_map_location_places_tensors(tmp_path: Path) -> None:
     """What makes a GPU checkpoint load on a CPU-only machine: every tensor goes to map_location."""
     storage = LocalStorage(tmp_path)

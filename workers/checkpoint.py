@@ -27,7 +27,7 @@ from schemas.errors import ArtifactNotFound, InvalidSpec, TrainingError
 from schemas.training import ModelConfig, TrainConfig
 from workers import keys
 from workers.model import CharRNN
-from workers.storage import ObjectInfo, Storage
+from workers.storage import ObjectInfo, Storage, file_sha256
 from workers.vocab import Vocab
 
 FORMAT = "charforge-checkpoint"
@@ -99,8 +99,13 @@ def _refuse(key: str, why: str) -> TrainingError:
 def load_checkpoint(
     storage: Storage, key: str, map_location: torch.device | str | None = "cpu"
 ) -> Checkpoint:
-    """Read a checkpoint written by `save_checkpoint`; anything else is refused with a reason."""
+    """Read a checkpoint written by `save_checkpoint`; anything else is refused with a reason,
+    as is one whose bytes are not those its run's `latest.json` recorded when it was written."""
+    expected = recorded_sha256(storage, key)
     with storage.local_path(key) as path:
+        if expected is not None and (actual := file_sha256(path)) != expected:
+            raise _refuse(key, f"its sha256 is {actual[:12]}, not the {expected[:12]} recorded when it was "
+                               "written: it was damaged in storage")
         try:
             payload = torch.load(path, map_location=map_location, weights_only=True)
         except pickle.UnpicklingError as err:
@@ -174,6 +179,20 @@ def _first_difference(got: dict[str, tuple[int, ...]], want: dict[str, tuple[int
 # --- latest.json: which checkpoints a run has ------------------------------------------------
 
 
+_RUN_CHECKPOINT = re.compile(r"^runs/([^/]+)/checkpoints/step-\d+\.pt$")
+
+
+def recorded_sha256(storage: Storage, key: str) -> str | None:
+    """The sha256 `latest.json` recorded for checkpoint `key` (None: not recorded, or written
+    before checkpoints carried it)."""
+    match = _RUN_CHECKPOINT.match(key)
+    pointer = read_pointer(storage, match.group(1)) if match else None
+    if not isinstance(pointer, dict):
+        return None
+    entries = [*pointer.get("kept", []), pointer.get("best"), pointer.get("latest")]
+    return next((e.get("sha256") for e in entries if isinstance(e, dict) and e.get("key") == key), None)
+
+
 def read_pointer(storage: Storage, run_id: str) -> dict[str, Any] | None:
     key = keys.latest_checkpoint(run_id)
     if not storage.exists(key):
@@ -219,14 +238,16 @@ def find_checkpoint(storage: Storage, run_id: str, which: str = "latest") -> str
 
 
 def record_checkpoint(
-    storage: Storage, run_id: str, step: int, key: str, val_loss: float | None, keep_last: int
+    storage: Storage, run_id: str, step: int, key: str, val_loss: float | None, keep_last: int,
+    sha256: str | None = None,
 ) -> tuple[dict[str, Any], list[str]]:
-    """Add a written checkpoint to `latest.json`; delete those neither recent nor best.
+    """Add a written checkpoint (with the sha256 of its bytes, which `load_checkpoint` checks)
+    to `latest.json`; delete those neither recent nor best.
 
     Returns the new pointer and the keys deleted.
     """
     pointer = read_pointer(storage, run_id) or {"kept": [], "best": None}
-    entry = {"step": step, "key": key, "val_loss": val_loss}
+    entry = {"step": step, "key": key, "val_loss": val_loss, "sha256": sha256}
     kept = [e for e in pointer["kept"] if e["step"] < step] + [entry]
     best = pointer.get("best")
     if best is not None and best["step"] >= step:

@@ -363,7 +363,7 @@ class Trainer:
         key = keys.checkpoint(self.run_id, step)
         written = save_checkpoint(self.storage, key, ckpt)
         pointer, deleted = record_checkpoint(
-            self.storage, self.run_id, step, key, self.c.val_loss, self.train.keep_last
+            self.storage, self.run_id, step, key, self.c.val_loss, self.train.keep_last, written.sha256
         )
         best = pointer["best"] is not None and pointer["best"]["step"] == step
         self.reporter.artifact("checkpoint", key, written.size, written.sha256,
