@@ -44,7 +44,12 @@ def make_engine(url: str) -> Engine:
     kwargs: dict[str, Any] = {"pool_pre_ping": True}
     if parsed.get_backend_name() == "sqlite":
         if parsed.database and parsed.database != ":memory:":
-            Path(parsed.database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+            folder = Path(parsed.database).expanduser().parent
+            try:
+                folder.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:  # a file on the way, no permission, a read-only disk
+                raise InvalidSpec(f"cannot make the database's folder {folder} (from {redact(url)}): "
+                                  f"{exc.strerror or exc}") from None
         kwargs["connect_args"] = {"timeout": 30, "check_same_thread": False}
     elif parsed.get_backend_name() == "postgresql":
         if parsed.drivername == "postgresql":  # psycopg 3 is the driver we ship

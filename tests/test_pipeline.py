@@ -148,6 +148,20 @@ def test_an_unreachable_database_is_one_line(env):
     assert result.stderr.count("\n") == 1 and "Traceback" not in result.output
 
 
+def test_a_home_or_storage_folder_that_cannot_be_made_is_one_line(env, tmp_path):
+    (tmp_path / "afile").write_text("")
+    env.setenv("CHARFORGE_HOME", str(tmp_path / "afile" / "home"))
+    result = invoke("jobs", "list")
+    assert (result.exit_code, result.stderr) == (
+        1, f"error: cannot make the database's folder {tmp_path}/afile/home "
+           f"(from sqlite:///{tmp_path}/afile/home/charforge.db): Not a directory\n")
+    env.setenv("CHARFORGE_HOME", str(tmp_path / "home"))
+    env.setenv("CHARFORGE_STORAGE_URL", f"file://{tmp_path}/afile/store")
+    result = invoke("jobs", "submit", "--repo", "acme/anything", "--detach")
+    assert (result.exit_code, result.stderr) == (
+        1, f"error: cannot use the storage folder {tmp_path}/afile/store: Not a directory\n")
+
+
 def test_status_of_an_unknown_run(env):
     result = invoke("jobs", "status", "0123456789ab")
     assert result.exit_code == 1

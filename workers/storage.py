@@ -187,7 +187,10 @@ class LocalStorage(Storage):
     def __init__(self, root: Path) -> None:
         self.root = root.expanduser().resolve()
         self.url = f"file://{self.root}"
-        self.root.mkdir(parents=True, exist_ok=True)
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:  # a file on the way, no permission, a read-only disk
+            raise StorageError(f"cannot use the storage folder {self.root}: {exc.strerror or exc}") from None
 
     def _path(self, key: str) -> Path:
         return self.root / check_key(key)
