@@ -162,6 +162,36 @@ def test_a_home_or_storage_folder_that_cannot_be_made_is_one_line(env, tmp_path)
         1, f"error: cannot use the storage folder {tmp_path}/afile/store: Not a directory\n")
 
 
+def test_an_embedded_submit_rides_out_a_database_outage(env, git_server, throwaway_postgres):
+    """PostgreSQL stops for a few seconds mid-training: the dispatcher thread and the follower
+    both wait for it (the follower says so), and the run ends as if nothing happened."""
+    import threading
+
+    pg = throwaway_postgres()
+    env.setenv("CHARFORGE_DATABASE_URL", pg.url)
+    store = RunStore(pg.url, migrate=True)  # a deployment's database: `charforge db upgrade` first
+    git_server.publish("acme/outage", source_files())
+    done: list = []
+    submit = threading.Thread(target=lambda: done.append(submit_json(
+        "--repo", "acme/outage", "--preset", "tiny", "--set", "train.max_iters=1000000",
+        "--set", "train.time_budget=8s", "--set", "train.eval_val_every=100")))
+    submit.start()
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not any((r.step or 0) > 50 for r in store.list_runs()):
+        time.sleep(0.2)
+    assert any((r.step or 0) > 50 for r in store.list_runs()), "training never got going"
+    pg.stop()
+    time.sleep(3)
+    pg.start()
+    submit.join(timeout=120)
+    assert done, "submit did not return"
+    result, runs = done[0]
+    assert result.exit_code == 0, result.output
+    assert runs[0]["status"] == "succeeded" and [a["outcome"] for a in runs[0]["attempts"]] == ["succeeded"] * 4
+    assert "cannot reach the database" in result.stderr and "waiting for it" in result.stderr
+    assert "the database is back" in result.stderr
+
+
 def test_status_of_an_unknown_run(env):
     result = invoke("jobs", "status", "0123456789ab")
     assert result.exit_code == 1

@@ -47,16 +47,44 @@ def describe(view: RunView, stale_after: float) -> str:
     return f"{escape(view.name)} [dim]{view.id}[/dim] {render.status_word(view, stale_after)}{stage}{extra}"
 
 
+class _Reader:
+    """The runs' views, read again at each poll. Once they have been read, a database that goes
+    away is waited for (said once, and once more when it is back), as the dispatcher waits:
+    runs in Ray go on meanwhile and their progress reaches the store when it returns."""
+
+    def __init__(self, store: RunStore, run_ids: Sequence[str]) -> None:
+        self.store, self.run_ids = store, run_ids
+        self.views: list[RunView] | None = None
+        self.away = False
+
+    def read(self) -> list[RunView]:
+        try:
+            views = self.store.get_runs(self.run_ids)
+        except DatabaseUnavailable as exc:
+            if self.views is None:
+                raise
+            if not self.away:
+                context.err.print(f"{escape(exc.message)}: waiting for it (the runs go on)")
+                self.away = True
+            return self.views
+        if self.away:
+            context.err.print("the database is back")
+            self.away = False
+        self.views = views
+        return views
+
+
 def follow(store: RunStore, run_ids: Sequence[str], *, bars: bool, stale_after: float, poll: float = 0.5,
            stop: threading.Event | None = None) -> list[RunView]:
     """Show progress until every run is finished (or `stop` is set); return their final views."""
+    reader = _Reader(store, run_ids)
     if not bars:
-        return _follow_lines(store, run_ids, poll, stop, stale_after)
+        return _follow_lines(reader, poll, stop, stale_after)
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=context.err, transient=False) as progress:
         tasks = {rid: progress.add_task(rid, total=None) for rid in run_ids}
         while True:
-            views = store.get_runs(run_ids)
+            views = reader.read()
             for view in views:
                 progress.update(tasks[view.id], description=describe(view, stale_after),
                                 completed=view.step or 0, total=view.total_steps)
@@ -65,12 +93,11 @@ def follow(store: RunStore, run_ids: Sequence[str], *, bars: bool, stale_after: 
             time.sleep(poll)
 
 
-def _follow_lines(store: RunStore, run_ids: Sequence[str], poll: float,
-                  stop: threading.Event | None, stale_after: float) -> list[RunView]:
+def _follow_lines(reader: _Reader, poll: float, stop: threading.Event | None, stale_after: float) -> list[RunView]:
     """Without a terminal: one line per status or stage change, for logs and CI."""
     seen: dict[str, tuple[str, str | None]] = {}
     while True:
-        views = store.get_runs(run_ids)
+        views = reader.read()
         for view in views:
             state = (view.status.value, view.stage.value if view.stage else None)
             if seen.get(view.id) != state:
