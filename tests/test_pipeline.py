@@ -7,8 +7,12 @@ embedded default (SQLite + a local directory) and once on PostgreSQL + SeaweedFS
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
+import sys
 import tarfile
 import time
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
@@ -190,6 +194,35 @@ def test_an_embedded_submit_rides_out_a_database_outage(env, git_server, throwaw
     assert runs[0]["status"] == "succeeded" and [a["outcome"] for a in runs[0]["attempts"]] == ["succeeded"] * 4
     assert "cannot reach the database" in result.stderr and "waiting for it" in result.stderr
     assert "the database is back" in result.stderr
+
+
+def test_ctrl_c_cancels_the_runs_of_a_submit_cleanly(env, git_server):
+    """A real SIGINT to a real `charforge jobs submit` process (its own local Ray) mid-training."""
+    git_server.publish("acme/ctrl-c", source_files())
+    charforge = Path(sys.executable).with_name("charforge")
+    proc = subprocess.Popen(
+        [str(charforge), "jobs", "submit", "--repo", "acme/ctrl-c", "--preset", "tiny",
+         "--set", "train.max_iters=1000000", "--set", "train.time_budget=5m"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        store = RunStore(load_settings().database_url, migrate=True)
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline and not any((r.step or 0) > 0 for r in store.list_runs()):
+            assert proc.poll() is None, proc.communicate()
+            time.sleep(0.3)
+        proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=90)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    [run] = store.list_runs()
+    assert proc.returncode == 1, stderr
+    assert "interrupted: cancelling" in stderr
+    assert stderr.endswith(f"error: 1 of 1 runs did not succeed ({run.id} cancelled: cancelled by user)\n")
+    view = store.get_run(run.id)
+    assert view.status is RunStatus.CANCELLED and view.attempts[-1].stage is Stage.TRAIN
+    assert view.attempts[-1].outcome == "cancelled"
 
 
 def test_status_of_an_unknown_run(env):
