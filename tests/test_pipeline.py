@@ -120,7 +120,8 @@ def test_empty_repo_fails_with_a_clear_message(env, git_server):
     result, runs = submit_json("--repo", "acme/empty", "--preset", "tiny")
     assert result.exit_code == 1
     assert runs[0]["status"] == "failed"
-    assert "empty" in runs[0]["error"]
+    assert runs[0]["error"] == ("repository is empty (no commits on its default branch): "
+                                f"acme/empty ({git_server.base_url}acme/empty)")
 
 
 @pytest.mark.parametrize("spec", ["--upload-pack=touch /tmp/pwned", "-oProxyCommand=x", "ext::sh -c id", "fd::3"])
