@@ -226,6 +226,20 @@ def test_ctrl_c_cancels_the_runs_of_a_submit_cleanly(env, git_server):
     assert view.attempts[-1].outcome == "cancelled"
 
 
+def test_a_git_server_that_stays_down_fails_the_run_after_its_attempts(env):
+    """A refused connection is transient: retried with backoff, then the run fails saying so."""
+    env.setenv("CHARFORGE_GIT_BASE_URL", "git://127.0.0.1:1/")  # nothing listens on port 1
+    env.setenv("CHARFORGE_MAX_ATTEMPTS", "3")
+    result, runs = submit_json("--repo", "acme/down", "--preset", "tiny")
+    assert result.exit_code == 1
+    [run] = runs
+    assert run["status"] == "failed" and run["stage"] == "fetch"
+    assert run["error"].startswith("cannot reach the git server for acme/down (git://127.0.0.1:1/acme/down): ")
+    assert "Connection refused" in run["error"]
+    assert run["error"].endswith("(gave up after 3 attempts)")
+    assert [(a["stage"], a["outcome"]) for a in run["attempts"]] == [("fetch", "retried")] * 2 + [("fetch", "failed")]
+
+
 def test_status_of_an_unknown_run(env):
     result = invoke("jobs", "status", "0123456789ab")
     assert result.exit_code == 1
