@@ -12,7 +12,7 @@ from typing import Any
 
 from sqlalchemy import create_engine, event, inspect
 from sqlalchemy.engine import Engine, make_url
-from sqlalchemy.exc import ArgumentError, OperationalError
+from sqlalchemy.exc import ArgumentError, NoSuchModuleError, OperationalError
 
 from schemas.errors import DatabaseUnavailable, InvalidSpec
 
@@ -39,6 +39,9 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
 def make_engine(url: str) -> Engine:
     try:
         parsed = make_url(url)
+        parsed.get_dialect()  # an unknown scheme (bogus://) fails here, not in create_engine
+    except NoSuchModuleError:  # (an ArgumentError too)
+        raise InvalidSpec(f"unknown database in URL {redact(url)}: use sqlite:/// or postgresql://") from None
     except ArgumentError:
         raise InvalidSpec(f"cannot read database URL {url!r}") from None
     kwargs: dict[str, Any] = {"pool_pre_ping": True}

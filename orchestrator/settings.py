@@ -10,13 +10,16 @@ import os
 from pathlib import Path
 from typing import Any
 
-from pydantic import AliasChoices, Field, model_validator
+from pydantic import AliasChoices, Field, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from schemas.errors import InvalidSpec
 
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
-        env_prefix="CHARFORGE_", env_file=".env", env_file_encoding="utf-8", extra="ignore"
+        env_prefix="CHARFORGE_", env_file=".env", env_file_encoding="utf-8", extra="ignore",
+        allow_inf_nan=False,
     )
 
     home: Path = Path("~/.charforge")
@@ -29,21 +32,21 @@ class Settings(BaseSettings):
         default=None, validation_alias=AliasChoices("RAY_ADDRESS", "ray_address")
     )
     # Seconds without a heartbeat after which a running run counts as lost.
-    heartbeat_timeout: float = 60.0
+    heartbeat_timeout: float = Field(default=60.0, gt=0)
     # Attempts per stage when infrastructure fails (a dead worker or node, a network error);
     # the wait between them doubles from `retry_backoff` seconds (capped at 60).
-    max_attempts: int = 3
-    retry_backoff: float = 2.0
+    max_attempts: int = Field(default=3, ge=1)
+    retry_backoff: float = Field(default=2.0, ge=0)
     # How often a lost run is recovered (queued again, resuming from its checkpoint) before it fails.
-    max_recoveries: int = 3
+    max_recoveries: int = Field(default=3, ge=0)
     # Runs one dispatcher keeps in flight at once (Ray resources bound it further).
-    max_concurrent: int = 4
+    max_concurrent: int = Field(default=4, ge=1)
     # The Ray resource training and sampling ask for when the cluster has it ("GPU", or a custom
     # resource naming accelerator nodes).
     accelerator: str = "GPU"
     # CPUs a training task asks for (and torch threads it uses); 0 = all of the local machine's
     # CPUs in the embedded default, 1 on a cluster.
-    train_cpus: int = 0
+    train_cpus: int = Field(default=0, ge=0)
 
     @model_validator(mode="after")
     def _defaults(self) -> Settings:
@@ -68,5 +71,15 @@ class Settings(BaseSettings):
 def load_settings(**overrides: Any) -> Settings:
     """Settings from env and `.env` (or the file CHARFORGE_ENV_FILE names), flags winning."""
     env_file = os.environ.get("CHARFORGE_ENV_FILE", ".env")
-    # _env_file: BaseSettings takes it; the signature mypy derives from the fields does not list it
-    return Settings(_env_file=env_file, **{k: v for k, v in overrides.items() if v is not None})  # type: ignore[call-arg]
+    try:
+        # _env_file: BaseSettings takes it; the signature mypy derives from the fields does not list it
+        return Settings(_env_file=env_file, **{k: v for k, v in overrides.items() if v is not None})  # type: ignore[call-arg]
+    except ValidationError as err:
+        raise InvalidSpec("; ".join(_setting_error(e) for e in err.errors())) from None
+
+
+def _setting_error(error: Any) -> str:
+    """One refused setting, by the name a user sets it with (the flag of the same name wins)."""
+    field = str(error["loc"][0]) if error["loc"] else "?"
+    name = "RAY_ADDRESS" if field == "ray_address" else f"CHARFORGE_{field.upper()}"
+    return f"invalid setting {name}: {error['msg']} (got {error.get('input')!r})"

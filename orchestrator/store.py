@@ -277,10 +277,10 @@ class RunStore(ClusterQueries):
                                 max_recoveries=sys.maxsize, owner=owner)
         if view.status not in (RunStatus.FAILED, RunStatus.CANCELLED):
             alive = f" (heartbeat {silent:.0f}s ago)" if silent is not None else ""
-            also = (f", or running ones with no heartbeat for over {stale_after:g}s"
+            also = (f" (or running ones with no heartbeat for over {stale_after:g}s)"
                     if stale_after is not None else "")
             raise IllegalTransition(
-                f"run {view.id} is {view.status.value}{alive}: only failed or cancelled runs{also} can be resumed"
+                f"run {view.id} is {view.status.value}{alive}: only failed or cancelled runs can be resumed{also}"
             )
         self.append_log(view.id, f"resumed by user (was {view.status.value})")
         return self.transition(view.id, RunStatus.QUEUED, expected=view.status)

@@ -17,4 +17,5 @@ def describe_errors(err: ValidationError, prefix: str = "") -> str:
 class Frozen(BaseModel):
     """A frozen pydantic model: resolved once at submission, stored on the run, passed down whole."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    # No inf or nan in any setting (a temperature of inf sampled junk; nan passes every bound).
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)

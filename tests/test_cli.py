@@ -170,8 +170,24 @@ def test_bad_settings_are_refused_at_submit(home):
     assert unknown.exit_code == 1 and "tiny, small, medium, large" in unknown.stderr
 
 
+def test_a_selection_of_runs_is_one_way_or_the_other(trained, tmp_path):
+    for args, message in [
+        (["compare"], "name runs to compare, or use --all"),
+        (["export", "--out", str(tmp_path)], "name runs to export, or use --all, --status or --name"),
+        (["export", trained["id"], "--all", "--out", str(tmp_path)],
+         "name runs to export, or use --all, --status or --name, not both"),
+    ]:
+        result = invoke("jobs", *args)
+        assert (result.exit_code, result.stderr) == (1, f"error: {message}\n"), args
+    twice = invoke("jobs", "compare", trained["id"], trained["id"][:6], "--json")
+    assert [row["run"] for row in json.loads(twice.stdout)] == [trained["id"]]
+
+
 def test_bad_sampling_options_are_one_line(trained):
-    result = invoke("jobs", "sample", trained["id"], "--temperature", "-1")
-    assert result.exit_code == 1
-    assert result.stderr.startswith("error: invalid option: temperature: ")
-    assert result.stderr.count("\n") == 1 and "Traceback" not in result.output
+    for value in ("-1", "inf", "nan"):  # inf sampled the same character over and over
+        result = invoke("jobs", "sample", trained["id"], "--temperature", value)
+        assert result.exit_code == 1, value
+        assert result.stderr.startswith("error: invalid option: temperature: ")
+        assert result.stderr.count("\n") == 1 and "Traceback" not in result.output
+    submitted = invoke("jobs", "submit", "--repo", "acme/cli", "--set", "sample.temperature=inf", "--detach")
+    assert submitted.exit_code == 1 and "finite number" in submitted.stderr

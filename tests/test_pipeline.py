@@ -240,6 +240,21 @@ def test_a_git_server_that_stays_down_fails_the_run_after_its_attempts(env):
     assert [(a["stage"], a["outcome"]) for a in run["attempts"]] == [("fetch", "retried")] * 2 + [("fetch", "failed")]
 
 
+def test_a_setting_out_of_bounds_is_one_line_naming_its_variable(env):
+    for name, value, message in [
+        ("CHARFORGE_MAX_CONCURRENT", "0", "Input should be greater than or equal to 1 (got '0')"),
+        ("CHARFORGE_MAX_CONCURRENT", "abc", "Input should be a valid integer, unable to parse string as an integer "
+                                            "(got 'abc')"),
+        ("CHARFORGE_HEARTBEAT_TIMEOUT", "nan", "Input should be a finite number (got 'nan')"),
+    ]:
+        env.setenv(name, value)
+        result = invoke("jobs", "list")
+        assert (result.exit_code, result.stderr) == (1, f"error: invalid setting {name}: {message}\n")
+        env.delenv(name)
+    serve = invoke("serve", "--max-concurrent", "0")
+    assert serve.exit_code == 2 and "--max-concurrent" in serve.output  # a usage error: nothing started
+
+
 def test_status_of_an_unknown_run(env):
     result = invoke("jobs", "status", "0123456789ab")
     assert result.exit_code == 1

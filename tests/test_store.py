@@ -85,8 +85,8 @@ def test_resume_takes_back_a_running_run_whose_heartbeat_stopped(store: RunStore
     run = store.create_run(_spec())
     store.claim("d1", 1)
     store.heartbeat("d1", [run.id])
-    with pytest.raises(IllegalTransition, match=r"running \(heartbeat \d+s ago\): only failed or cancelled runs, "
-                                                "or running ones with no heartbeat for over 60s"):
+    with pytest.raises(IllegalTransition, match=r"running \(heartbeat \d+s ago\): only failed or cancelled runs "
+                                                r"can be resumed \(or running ones with no heartbeat for over 60s\)"):
         store.resume(run.id, stale_after=60)
     with store.engine.begin() as conn:
         conn.execute(update(Run).where(Run.id == run.id).values(heartbeat_at=utcnow() - timedelta(minutes=5)))
@@ -202,6 +202,17 @@ def test_unreachable_database_is_one_clear_line() -> None:
     assert message.startswith("cannot reach the database at postgresql://postgres:***@127.0.0.1:1/nothing: ")
     assert "Connection refused" in message
     assert "hunter2" not in message and "\n" not in message
+
+
+@pytest.mark.parametrize("url, message", [
+    ("notaurl", "cannot read database URL 'notaurl'"),
+    ("bogus://u:secret@host/db", "unknown database in URL bogus://u:***@host/db: use sqlite:/// or postgresql://"),
+    ("mysql://u:secret@host/db", "no driver for database URL mysql://u:***@host/db: MySQLdb is not installed"),
+])
+def test_database_urls_charforge_cannot_use_are_one_line(url: str, message: str) -> None:
+    with pytest.raises(UserError) as info:
+        RunStore(url)
+    assert str(info.value) == message
 
 
 def test_upgrade_from_the_first_revision_keeps_runs(tmp_path) -> None:

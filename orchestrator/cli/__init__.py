@@ -62,9 +62,9 @@ def db_upgrade() -> None:
 @app.command()
 def serve(
     max_concurrent: Annotated[
-        int | None, typer.Option(help="Runs in flight at once (default: CHARFORGE_MAX_CONCURRENT or 4).")
+        int | None, typer.Option(min=1, help="Runs in flight at once (default: CHARFORGE_MAX_CONCURRENT or 4).")
     ] = None,
-    poll: Annotated[float, typer.Option(help="Seconds between dispatcher ticks.")] = 0.5,
+    poll: Annotated[float, typer.Option(min=0.05, help="Seconds between dispatcher ticks.")] = 0.5,
 ) -> None:
     """Run the dispatcher: claim queued runs and drive them on Ray (RAY_ADDRESS, or local Ray).
 

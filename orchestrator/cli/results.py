@@ -143,13 +143,17 @@ def _print_samples(records: list[dict[str, Any]], language: str | None) -> None:
 
 
 def _select(store: Any, runs: list[str] | None, all_: bool, status: RunStatus | None,
-            name: str | None) -> list[RunView]:
+            name: str | None, *, what: str, choices: str) -> list[RunView]:
+    """The runs named, or those the filters select (`what`: the command's verb; `choices`: its
+    selection options, for the error when there is none)."""
+    if runs and (all_ or status or name):
+        raise UserError(f"name runs to {what}, or use {choices}, not both")
     if runs:
-        ids = [store.resolve_id(r) for r in runs]
+        ids = list(dict.fromkeys(store.resolve_id(r) for r in runs))  # a run named twice counts once
     elif all_ or status or name:
         ids = [r.id for r in store.list_runs(status=status, name_glob=name)]
     else:
-        raise UserError("name runs to export, or use --all, --status or --name")
+        raise UserError(f"name runs to {what}, or use {choices}")
     if not ids:
         raise UserError("no runs match the selection")
     return store.get_runs(ids)
@@ -172,7 +176,7 @@ def export(
 
     cfg = context.settings()
     store = context.store(cfg)
-    views = _select(store, runs, all_, status, name)
+    views = _select(store, runs, all_, status, name, what="export", choices="--all, --status or --name")
     result = export_runs(views, cfg.storage(), out, fmt=format_, include_checkpoints=include_checkpoints)
     if json_:
         render.print_json(result.model_dump(mode="json"))
@@ -258,7 +262,7 @@ def compare(
 
     cfg = context.settings()
     store = context.store(cfg)
-    views = _select(store, runs, all_, RunStatus.SUCCEEDED if all_ else None, None)
+    views = _select(store, runs, all_, RunStatus.SUCCEEDED if all_ else None, None, what="compare", choices="--all")
     rows = compare_rows(views, cfg.storage())
     if json_:
         render.print_json(json.loads(json.dumps(rows, default=str)))
