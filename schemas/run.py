@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from pydantic import ValidationError
 
@@ -88,8 +88,13 @@ def build_run_spec(
     corpus_overrides: dict[str, Any] | None = None,
     init_from: str | None = None,
     cwd: Path | None = None,
+    init_model: ModelConfig | None = None,
 ) -> RunSpec:
-    """Resolve one run's spec: preset, then `--set`, validated as a whole."""
+    """Resolve one run's spec: preset, then `--set`, validated as a whole.
+
+    `init_model`, the network of the run `init_from` names: a fine-tuned run keeps it (only its
+    dropout is this run's choice), so an architecture set here that differs is refused.
+    """
     preset = preset or DEFAULT_PRESET
     if preset not in PRESETS:
         raise InvalidSpec(f"unknown preset {preset!r}; choose one of: {', '.join(PRESETS)}")
@@ -105,6 +110,17 @@ def build_run_spec(
         overrides.setdefault("corpus", {}).update(corpus_overrides)
     for section, values in overrides.items():
         sections[section] = _apply(sections[section], section, values)
+    if init_model is not None:
+        chosen = cast(ModelConfig, sections["model"])
+        kept = init_model.model_copy(update={"dropout": chosen.dropout})
+        clash = sorted(k for k in overrides.get("model", {})
+                       if k != "dropout" and getattr(chosen, k) != getattr(kept, k))
+        if clash:
+            raise InvalidSpec(
+                f"--init-from {init_from} keeps that run's network ({kept.num_layers}x{kept.rnn_size} {kept.model}): "
+                f"drop --set {', '.join(f'{k}={getattr(chosen, k)}' for k in clash)}"
+            )
+        sections["model"] = kept
     return RunSpec(
         name=name or "+".join(r.location.rstrip("/").rsplit("/", 1)[-1] for r in parsed),
         repos=parsed,

@@ -142,6 +142,21 @@ def test_fine_tuning_starts_from_another_runs_weights(trained, git_server):
     assert first < math.log(runs[0]["corpus"]["vocab_size"]) - 0.5
 
 
+def test_fine_tuning_keeps_the_source_network_in_its_spec(trained):
+    """The spec says the network that trains (the source's), whatever the preset; a network set
+    by hand that differs is refused."""
+    result, runs = submit_json("--repo", "acme/cli", "--preset", "small", "--init-from", trained["id"][:8],
+                               "--set", "dropout=0.1", "--detach")
+    assert result.exit_code == 0, result.output
+    model = runs[0]["spec"]["model"]
+    assert (model["rnn_size"], model["num_layers"], model["dropout"]) == (32, 1, 0.1)  # tiny's 1x32, our dropout
+    assert invoke("jobs", "cancel", runs[0]["id"]).exit_code == 0
+    refused = invoke("jobs", "submit", "--repo", "acme/cli", "--init-from", trained["id"], "--set", "rnn_size=64",
+                     "--set", "num_layers=1", "--detach")
+    assert (refused.exit_code, refused.stderr) == (
+        1, f"error: --init-from {trained['id']} keeps that run's network (1x32 lstm): drop --set rnn_size=64\n")
+
+
 def test_fine_tuning_refuses_a_different_vocabulary(trained, git_server):
     git_server.publish("acme/other-chars", {"greek.txt": "αβγδε ζηθικ λμνξο πρστυ φχψω\n" * 200})
     result, runs = submit_json("--repo", "acme/other-chars", "--preset", "tiny", "--init-from", trained["id"])

@@ -15,6 +15,7 @@ from orchestrator.cli.follow import follow
 from schemas.errors import IllegalTransition, UserError
 from schemas.run import RunSpec, build_run_spec
 from schemas.status import TERMINAL, RunStatus
+from schemas.training import ModelConfig
 from schemas.views import RunView
 
 jobs_app = typer.Typer(help="Submit, follow and manage training runs.", no_args_is_help=True)
@@ -63,16 +64,17 @@ def submit(
     if lang:
         overrides["langs"] = tuple(x.strip() for x in lang.split(",") if x.strip())
     groups = [repo] if combine else [[r] for r in repo]
-    init_key = None
+    init_key, init_model = None, None
     if init_from:
         from workers.checkpoint import find_checkpoint  # torch: only when fine-tuning
 
-        init_from = store.resolve_id(init_from)
+        source = store.get_run(init_from)
+        init_from, init_model = source.id, ModelConfig.model_validate(source.spec["model"])
         init_key = find_checkpoint(cfg.storage(), init_from, "best")
     specs: list[RunSpec] = []
     for group in groups:
         spec = build_run_spec(group, name=name, preset=preset, sets=set_ or (), corpus_overrides=overrides,
-                              init_from=init_from)
+                              init_from=init_from, init_model=init_model)
         specs.append(spec.model_copy(update={"init_from_checkpoint": init_key}))
     runs = [store.create_run(spec) for spec in specs]
     ids = [r.id for r in runs]
