@@ -128,6 +128,7 @@ def test_logs_tell_the_story_of_the_run(trained):
     assert result.exit_code == 0
     for stage in ("[fetch]", "[corpus]", "[train]", "[sample]"):
         assert stage in result.stdout
+    assert result.stdout.splitlines()[-1].endswith(" run succeeded")
 
 
 def test_fine_tuning_starts_from_another_runs_weights(trained, git_server):

@@ -122,6 +122,13 @@ def test_empty_repo_fails_with_a_clear_message(env, git_server):
     assert runs[0]["status"] == "failed"
     assert runs[0]["error"] == ("repository is empty (no commits on its default branch): "
                                 f"acme/empty ({git_server.base_url}acme/empty)")
+    # watch and logs say how it ended too
+    watched = invoke("jobs", "watch", runs[0]["id"])
+    assert watched.exit_code == 1
+    assert watched.stderr.endswith(f"error: 1 of 1 runs did not succeed ({runs[0]['id']} failed: "
+                                   f"{runs[0]['error']})\n")
+    last = invoke("jobs", "logs", runs[0]["id"]).stdout.splitlines()[-1]
+    assert last.endswith(f" run failed: {runs[0]['error']}")
 
 
 @pytest.mark.parametrize("spec", ["--upload-pack=touch /tmp/pwned", "-oProxyCommand=x", "ext::sh -c id", "fd::3"])

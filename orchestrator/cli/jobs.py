@@ -151,7 +151,10 @@ def list_(
 
 @jobs_app.command()
 def watch(runs: Annotated[list[str] | None, typer.Argument(help="Run ids; default: every active run.")] = None) -> None:
-    """Follow runs with live progress until they finish (reads the store; Ctrl-C stops watching)."""
+    """Follow runs with live progress until they finish (reads the store; Ctrl-C stops watching).
+
+    Ends like a followed submit: each run's outcome, and exit code 1 if any did not succeed.
+    """
     cfg = context.settings()
     store = context.store(cfg)
     if runs:
@@ -165,8 +168,7 @@ def watch(runs: Annotated[list[str] | None, typer.Argument(help="Run ids; defaul
         views = follow(store, ids, bars=context.is_tty(), stale_after=cfg.heartbeat_timeout)
     except KeyboardInterrupt:
         return
-    for view in views:
-        _print_outcome(view)
+    _report(views, cfg.heartbeat_timeout, json_=False)
 
 
 @jobs_app.command()
@@ -175,7 +177,8 @@ def logs(
     follow_: Annotated[bool, typer.Option(
         "--follow", "-f", help="Keep printing new lines until the run ends.")] = False,
 ) -> None:
-    """Print a run's log: stage events, training progress, retries and tracebacks."""
+    """Print a run's log: stage events, training progress, retries and tracebacks; for a run that
+    has ended, a last line with how it ended."""
     store = context.store(context.settings())
     run_id, last = store.resolve_id(run), 0
     while True:
@@ -183,7 +186,12 @@ def logs(
             stage = f"[{line.stage}] " if line.stage else ""
             context.out.print(f"{render.when(line.at)} {stage}{line.message}", markup=False)
             last = line.id
-        if not follow_ or store.get_run(run_id).status in TERMINAL:
+        view = store.get_run(run_id)
+        if view.status in TERMINAL:
+            error = f": {view.error}" if view.error else ""
+            context.out.print(f"{render.when(view.finished_at)} run {view.status.value}{error}", markup=False)
+            return
+        if not follow_:
             return
         time.sleep(1.0)
 
