@@ -135,6 +135,8 @@ class RunStore(ClusterQueries):
                 return matches[0]
             if len(matches) > 1:
                 raise UserError(f"run id prefix {run_id!r} is ambiguous: give more characters")
+        if 0 < len(run_id) < 4 and all(c in "0123456789abcdef" for c in run_id):
+            raise RunNotFound(f"no run with id {run_id!r} (a prefix needs at least 4 characters)")
         raise RunNotFound(f"no run with id {run_id!r}")
 
     def get_run(self, run_id: str) -> RunView:

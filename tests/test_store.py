@@ -192,6 +192,8 @@ def test_an_ambiguous_prefix_is_refused(store: RunStore) -> None:
     with pytest.raises(UserError, match="ambiguous"):
         store.get_run("abcd")
     assert store.get_run("abcd00000002").id == "abcd00000002"
+    with pytest.raises(RunNotFound, match=r"no run with id 'abc' \(a prefix needs at least 4 characters\)"):
+        store.get_run("abc")
 
 
 def test_unreachable_database_is_one_clear_line() -> None:

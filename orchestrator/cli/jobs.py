@@ -21,6 +21,7 @@ from schemas.views import RunView
 jobs_app = typer.Typer(help="Submit, follow and manage training runs.", no_args_is_help=True)
 
 JsonFlag = Annotated[bool, typer.Option("--json", help="Print JSON for scripts instead of text.")]
+RunArg = Annotated[str, typer.Argument(metavar="RUN", help="Run id (or a unique prefix of 4 or more characters).")]
 
 
 class RunsFailed(UserError):
@@ -124,7 +125,7 @@ def _first_sample(key: str) -> str | None:
 
 
 @jobs_app.command()
-def status(run: Annotated[str, typer.Argument(help="Run id (or a unique prefix).")], json_: JsonFlag = False) -> None:
+def status(run: RunArg, json_: JsonFlag = False) -> None:
     """Show a run: status, stage, corpus, progress, losses, checkpoints, samples, attempts."""
     cfg = context.settings()
     view = context.store(cfg).get_run(run)
@@ -173,7 +174,7 @@ def watch(runs: Annotated[list[str] | None, typer.Argument(help="Run ids; defaul
 
 @jobs_app.command()
 def logs(
-    run: Annotated[str, typer.Argument(help="Run id (or a unique prefix).")],
+    run: RunArg,
     follow_: Annotated[bool, typer.Option(
         "--follow", "-f", help="Keep printing new lines until the run ends.")] = False,
 ) -> None:

@@ -15,7 +15,7 @@ import typer
 from pydantic import ValidationError
 
 from orchestrator.cli import context, render
-from orchestrator.cli.jobs import JsonFlag, jobs_app
+from orchestrator.cli.jobs import JsonFlag, RunArg, jobs_app
 from schemas.base import describe_errors
 from schemas.errors import UserError
 from schemas.sampling import SampleConfig
@@ -58,7 +58,7 @@ SAMPLE_COUNT = 4  # samples `jobs sample` asks for when -n is not given (the pip
 
 @jobs_app.command()
 def sample(
-    run: Annotated[str, typer.Argument(help="Run id (or a unique prefix).")],
+    run: RunArg,
     checkpoint: Annotated[str | None, typer.Option(
         help="best, latest, or a step number. Default: the run's (best unless set at submit).")] = None,
     num_samples: Annotated[int, typer.Option("-n", "--num-samples", help="Samples in the batch.")] = SAMPLE_COUNT,
@@ -189,7 +189,7 @@ def export(
 
 @jobs_app.command("eval")
 def eval_(
-    run: Annotated[str, typer.Argument(help="Run id (or a unique prefix).")],
+    run: RunArg,
     file: Annotated[Path | None, typer.Option(help="A text file to score.")] = None,
     repo: Annotated[list[str] | None, typer.Option(
         help="Build a corpus from this repo, with the run's corpus settings (filters, headers), and score it.",
@@ -238,7 +238,7 @@ def eval_(
 
 @jobs_app.command()
 def report(
-    run: Annotated[str, typer.Argument(help="Run id (or a unique prefix).")],
+    run: RunArg,
     out: Annotated[Path, typer.Option(help="Folder to write loss.png and index.html into.")],
 ) -> None:
     """Write a run's loss curves (PNG) and an HTML page with its config, corpus, metrics and samples."""
