@@ -92,7 +92,14 @@ def parse_repo_spec(spec: str, *, cwd: Path | None = None) -> RepoSpec:
     if raw.startswith((".", "/", "~")) or local.exists():
         local = local.resolve()
         if not local.is_dir():
+            path, at, _ = raw.rpartition("@")
+            if at and here(Path(path).expanduser()).is_dir():
+                raise InvalidSpec(f"local repo {raw!r}: a local path takes no @ref (its committed HEAD is read); "
+                                  "check out the ref there, or give the repo's URL with @ref")
             raise InvalidSpec(f"local repo {raw!r} is not a directory")
+        if ".git" in local.parts:
+            work_tree = Path(*local.parts[:local.parts.index(".git")])
+            raise InvalidSpec(f"local repo {raw!r} is inside a .git directory: give the work tree, {work_tree}")
         return RepoSpec(spec=raw, kind=RepoKind.LOCAL, location=str(local))
 
     name, _, ref_part = raw.partition("@")

@@ -40,6 +40,7 @@ def test_report_writes_a_real_png_and_an_html_page_naming_the_run(tmp_path, stor
     assert pixels.shape[:2] == (PNG_SIZE[1], PNG_SIZE[0])
     assert pixels.std() > 0.05  # curves and axes were drawn, not a blank canvas
 
+    assert {oct(p.stat().st_mode & 0o777) for p in (paths.png, paths.html)} == {"0o644"}  # to serve or share
     page = paths.html.read_text()
     assert f"<h1>Run widgets <small>{run.id}</small></h1>" in page
     assert "<img src='loss.png'" in page

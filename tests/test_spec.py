@@ -39,6 +39,15 @@ def test_local_paths_become_absolute(tmp_path):
         parse_repo_spec(str(tmp_path / "missing"))
 
 
+def test_local_paths_that_cannot_be_what_was_meant_say_why(tmp_path):
+    (tmp_path / "proj" / ".git" / "objects").mkdir(parents=True)
+    for spec in ("./proj/.git", "proj/.git/objects"):
+        with pytest.raises(InvalidSpec, match=rf"is inside a .git directory: give the work tree, {tmp_path}/proj$"):
+            parse_repo_spec(spec, cwd=tmp_path)
+    with pytest.raises(InvalidSpec, match="a local path takes no @ref"):
+        parse_repo_spec("./proj@v1", cwd=tmp_path)
+
+
 def test_an_owner_name_that_exists_under_cwd_is_that_folder(tmp_path):
     """Relative to `cwd` (the submitter's directory), not to this process's own."""
     assert parse_repo_spec("acme/widgets", cwd=tmp_path).kind is RepoKind.SHORTHAND

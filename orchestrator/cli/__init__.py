@@ -79,6 +79,7 @@ def serve(
     from schemas.errors import TransientError
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("alembic").setLevel(logging.WARNING)  # its "Context impl ..." lines at every start
     log = logging.getLogger("charforge.serve")
     cfg = context.settings(max_concurrent=max_concurrent)
     dispatcher = Dispatcher(context.store(cfg), cfg)

@@ -191,7 +191,7 @@ def build(
 def inspect(
     specs: Specs,
     json_: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
-    top: Annotated[int, typer.Option(help="How many of the most common characters to show.")] = 20,
+    top: Annotated[int, typer.Option(min=1, help="How many of the most common characters to show.")] = 20,
     include: Include = None, exclude: Exclude = None, lang: Lang = None,
     max_file_size: MaxFile = None, max_total_size: MaxTotal = None, max_line_length: MaxLine = None,
     no_header: NoHeader = False, invalid_utf8: InvalidUtf8 = None, keep_duplicates: KeepDup = False,
