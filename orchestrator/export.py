@@ -85,9 +85,17 @@ def export_runs(
     )
 
 
+# Archive names that say another format: writing tar.gz into `x.rar` would mislead whoever opens it.
+OTHER_ARCHIVES = (".rar", ".7z", ".tar", ".tgz", ".tar.bz2", ".tar.xz", ".tar.zst", ".bz2", ".xz", ".zst", ".gz")
+
+
 def resolve_format(out: str | None, fmt: str | None) -> str:
     """The format asked for, or the one `out`'s name ends in, or tar.gz; a clash is an error."""
     suffix = next((f for f in FORMATS if out and out.lower().endswith("." + f)), None)
+    other = next((o for o in OTHER_ARCHIVES if out and out.lower().endswith(o)), None)
+    if suffix is None and other is not None:
+        raise UserError(f"--out {out!r} ends in {other}, which charforge does not write: "
+                        f"name it .{' or .'.join(FORMATS)}")
     chosen = fmt or suffix or "tar.gz"
     if chosen not in FORMATS:
         raise UserError(f"unknown export format {chosen!r}; choose one of: {', '.join(FORMATS)}")

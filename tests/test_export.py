@@ -187,6 +187,8 @@ def test_destination_errors_are_one_line(tmp_path, world):
         (r"ends in \.zip but --format is tar\.gz", (runs, storage, str(tmp_path / "x.zip")),
          {"fmt": "tar.gz"}),
         ("unknown export format 'rar'", (runs, storage, str(tmp_path / "x")), {"fmt": "rar"}),
+        (r"ends in \.rar, which charforge does not write: name it \.tar\.gz or \.zip or \.jsonl",
+         (runs, storage, str(tmp_path / "x.rar")), {}),
         ("no runs selected", ([], storage, str(tmp_path / "x.tar.gz")), {}),
     ]:
         with pytest.raises(UserError, match=pattern) as err:
