@@ -10,6 +10,7 @@ from orchestrator.settings import load_settings
 from schemas.errors import InvalidSpec
 from schemas.repo import RepoKind, parse_repo_spec
 from schemas.run import build_run_spec
+from schemas.units import plural
 
 
 @pytest.mark.parametrize("spec, kind, location, ref", [
@@ -116,3 +117,8 @@ def test_settings_precedence_flag_then_env_then_env_file_then_default(tmp_path, 
     assert defaults.heartbeat_timeout == 60.0 and defaults.ray_address is None
     monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6379")
     assert load_settings().ray_address == "127.0.0.1:6379" and not load_settings().embedded
+
+
+def test_counts_read_as_english():
+    assert [plural(n, "files") for n in (0, 1, 2, None)] == ["0 files", "1 file", "2 files", "0 files"]
+    assert [plural(1, w) for w in ("samples", "batches", "runs")] == ["1 sample", "1 batch", "1 run"]

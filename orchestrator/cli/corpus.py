@@ -21,6 +21,7 @@ from rich.markup import escape
 from schemas.corpus import CorpusConfig
 from schemas.errors import InvalidSpec
 from schemas.repo import RepoSpec, parse_repo_spec
+from schemas.units import plural
 
 corpus_app = typer.Typer(
     help="Build or inspect a corpus from repositories, without training.", no_args_is_help=True
@@ -126,7 +127,7 @@ class _ProgressReporter:
 
     def progress(self, step: int, total: int | None = None, **info: Any) -> None:
         mib = info.get("bytes", 0) / (1024 * 1024)
-        text = f"{info.get('files', 0)} files kept ({mib:.1f} MiB), {info.get('skipped', 0)} skipped"
+        text = f"{plural(info.get('files'), 'files')} kept ({mib:.1f} MiB), {info.get('skipped', 0)} skipped"
         self._progress.update(self._task, description=text)
 
     def log(self, message: str) -> None:
@@ -182,7 +183,7 @@ def build(
             manifest_out=manifest_path, jobs=jobs,
         )
     t = summary["totals"]
-    typer.echo(f"wrote {out}: {t['files']} files, {t['bytes']} bytes, vocabulary {t['vocab_size']}; "
+    typer.echo(f"wrote {out}: {plural(t['files'], 'files')}, {t['bytes']} bytes, vocabulary {t['vocab_size']}; "
                f"skipped {t['skipped']}")
     typer.echo(f"manifest: {manifest_path}")
 

@@ -12,7 +12,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from orchestrator.cli import context
-from schemas.units import human_size
+from schemas.units import human_size, plural
 from schemas.views import RunSummary, RunView
 
 STATUS_STYLE = {
@@ -63,7 +63,7 @@ def status_lines(view: RunView, stale_after: float) -> list[tuple[str, str]]:
         rows.append(("repo", f"{escape(str(repo.get('spec')))} @ {commit}"))
     if view.corpus:
         c = view.corpus
-        rows.append(("corpus", f"{c.get('files')} files, {human_size(c.get('bytes'))}, "
+        rows.append(("corpus", f"{plural(c.get('files'), 'files')}, {human_size(c.get('bytes'))}, "
                                f"{c.get('vocab_size')} distinct chars ({c.get('key')})"))
     if view.total_steps:
         rows.append(("progress", f"step {view.step or 0}/{view.total_steps}"))

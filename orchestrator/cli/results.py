@@ -20,7 +20,7 @@ from schemas.base import describe_errors
 from schemas.errors import UserError
 from schemas.sampling import SampleConfig
 from schemas.status import RunStatus
-from schemas.units import human_size
+from schemas.units import human_size, plural
 from schemas.views import RunView
 
 
@@ -114,7 +114,7 @@ def sample(
                            "samples": records})
         return
     _print_samples(records, corpus.main_language if corpus else None)
-    context.err.print(f"stored {len(records)} samples from step {result.checkpoint_step} at {result.key}")
+    context.err.print(f"stored {plural(len(records), 'samples')} from step {result.checkpoint_step} at {result.key}")
 
 
 def _corpus_result(store: Any, run_id: str) -> Any:
@@ -181,7 +181,8 @@ def export(
     if json_:
         render.print_json(result.model_dump(mode="json"))
         return
-    context.out.print(f"exported {result.samples} samples in {result.batches} batches of {result.runs} runs "
+    context.out.print(f"exported {plural(result.samples, 'samples')} in {plural(result.batches, 'batches')} "
+                      f"of {plural(result.runs, 'runs')} "
                       f"to {result.destination} ({human_size(result.size)}, sha256 {result.sha256[:12]})")
     if result.url and result.destination.startswith("s3://"):
         context.out.print(f"download (presigned, 1 hour): {result.url}", markup=False)
