@@ -10,7 +10,8 @@ def describe_errors(err: ValidationError, prefix: str = "") -> str:
     parts = []
     for e in err.errors():
         loc = ".".join(str(p) for p in (prefix, *e["loc"]) if p != "")
-        parts.append(f"{loc}: {e['msg']} (got {e.get('input')!r})")
+        message = e["msg"].removeprefix("Value error, ")  # pydantic's wording for a validator's ValueError
+        parts.append(f"{loc}: {message} (got {e.get('input')!r})")
     return "; ".join(parts)
 
 

@@ -11,6 +11,8 @@ from typing import Literal
 from pydantic import Field, field_validator
 
 from schemas.base import Frozen
+from schemas.errors import InvalidSpec
+from schemas.units import parse_size
 
 MiB = 1024 * 1024
 
@@ -40,6 +42,17 @@ class CorpusConfig(Frozen):
     # .gitattributes linguist-vendored / linguist-generated). An explicit linguist-vendored=false
     # (or -linguist-vendored) in .gitattributes keeps a file even below vendor/ and the like.
     skip_vendored: bool = True
+
+    @field_validator("max_file_bytes", "max_total_bytes", mode="before")
+    @classmethod
+    def _size(cls, value: object) -> object:
+        """`--set corpus.max_file_bytes=1M` reads as the CLI's `--max-file-size 1M` does."""
+        if isinstance(value, str) and not value.strip().isdigit():
+            try:
+                return parse_size(value)
+            except InvalidSpec as exc:
+                raise ValueError(exc.message) from None
+        return value
 
     @field_validator("include", "exclude")
     @classmethod

@@ -10,8 +10,8 @@ import pytest
 from typer.testing import CliRunner
 
 from orchestrator.cli import app
-from orchestrator.cli.corpus import parse_size
 from schemas.errors import InvalidSpec
+from schemas.units import parse_size
 from tests.gitserver import hostile_files, source_files
 from workers.corpus import scratch
 
@@ -69,7 +69,7 @@ def test_inspect_json(git_server, hostile):
     (["inspect", "ext::sh -c id"],
      "error: repo spec 'ext::sh -c id' names a git remote helper (ext::, fd::): refused\n"),
     (["inspect", "x/y", "--lang", "pyhton"],
-     "error: bad corpus option langs: Value error, unknown language pyhton "
+     "error: bad corpus option langs: unknown language pyhton "
      "(use identify tags such as c, lua, python)\n"),
     (["build", "x/y", "--out", "c.txt", "--max-file-size", "lots"],
      "error: cannot read size 'lots': use bytes or a K/M/G suffix, e.g. 1M\n"),

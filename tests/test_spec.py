@@ -122,3 +122,12 @@ def test_settings_precedence_flag_then_env_then_env_file_then_default(tmp_path, 
 def test_counts_read_as_english():
     assert [plural(n, "files") for n in (0, 1, 2, None)] == ["0 files", "1 file", "2 files", "0 files"]
     assert [plural(1, w) for w in ("samples", "batches", "runs")] == ["1 sample", "1 batch", "1 run"]
+
+
+def test_corpus_sizes_set_at_submit_read_like_the_cli_flags():
+    spec = build_run_spec(["acme/x"], sets=["corpus.max_file_bytes=2M", "corpus.max_total_bytes=1.5G"])
+    assert (spec.corpus.max_file_bytes, spec.corpus.max_total_bytes) == (2 * 2**20, int(1.5 * 2**30))
+    with pytest.raises(InvalidSpec) as err:
+        build_run_spec(["acme/x"], sets=["corpus.max_file_bytes=lots"])
+    assert str(err.value) == ("bad setting: corpus.max_file_bytes: cannot read size 'lots': use bytes or a K/M/G "
+                              "suffix, e.g. 1M (got 'lots')")

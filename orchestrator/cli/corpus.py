@@ -7,7 +7,6 @@ it is a terminal; results go to stdout.
 from __future__ import annotations
 
 import json
-import re
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -21,7 +20,7 @@ from rich.markup import escape
 from schemas.corpus import CorpusConfig
 from schemas.errors import InvalidSpec
 from schemas.repo import RepoSpec, parse_repo_spec
-from schemas.units import plural
+from schemas.units import parse_size, plural
 
 corpus_app = typer.Typer(
     help="Build or inspect a corpus from repositories, without training.", no_args_is_help=True
@@ -56,16 +55,8 @@ Jobs = Annotated[int | None, typer.Option(
 GitBase = Annotated[str | None, typer.Option(
     "--git-base-url", metavar="URL", help=escape("Where owner/name resolves. [env: CHARFORGE_GIT_BASE_URL]"))]
 
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b)?\s*$", re.IGNORECASE)
 
 
-def parse_size(text: str) -> int:
-    """`1048576`, `512K`, `1M`, `1.5GiB` -> bytes (binary multiples)."""
-    match = _SIZE.match(text)
-    if not match:
-        raise InvalidSpec(f"cannot read size {text!r}: use bytes or a K/M/G suffix, e.g. 1M")
-    number, unit = float(match.group(1)), match.group(2).lower()
-    return int(number * 1024 ** " kmgt".index(unit or " "))
 
 
 # The filter flags `build` and `inspect` share, by parameter name.
@@ -102,7 +93,8 @@ def _config(**flags: Any) -> CorpusConfig:
         return CorpusConfig(**values)
     except ValidationError as err:
         first = err.errors()[0]
-        raise InvalidSpec(f"bad corpus option {first['loc'][0]}: {first['msg']}") from None
+        message = first["msg"].removeprefix("Value error, ")  # pydantic's wording for a validator's ValueError
+        raise InvalidSpec(f"bad corpus option {first['loc'][0]}: {message}") from None
 
 
 class _ProgressReporter:
