@@ -57,6 +57,10 @@ def test_sample_takes_the_runs_settings_where_no_option_is_given(trained):
                    "--json")
     [record] = json.loads(given.stdout)["samples"]
     assert len(record["text"]) == 10 and record["options"]["top_k"] == 5 and record["options"]["argmax"]
+    every = json.loads(invoke("jobs", "sample", trained["id"], "-n", "1", "--top-k", "0", "--json").stdout)
+    assert every["samples"][0]["options"]["top_k"] is None  # the run's top_k=3 lifted
+    both = invoke("jobs", "sample", trained["id"], "--argmax", "--temperature", "0.5")
+    assert both.exit_code == 1 and "give --argmax or --temperature, not both" in both.stderr
 
 
 def test_sample_refuses_a_prime_and_a_prime_file_together(trained, tmp_path):

@@ -67,7 +67,8 @@ def sample(
     temperature: Annotated[float | None, typer.Option(
         help="Softmax temperature; 0 means argmax. Default: the run's (0.8 unless set at submit).")] = None,
     top_k: Annotated[int | None, typer.Option(
-        help="Sample among the k likeliest characters only. Default: the run's (all unless set at submit).")] = None,
+        min=0, help="Sample among the k likeliest characters only; 0: all of them. "
+                    "Default: the run's (all unless set at submit).")] = None,
     prime: Annotated[str | None, typer.Option(help="Text every sample starts with. Default: the run's.")] = None,
     prime_file: Annotated[Path | None, typer.Option(help="Read the prime text from this file.")] = None,
     seed: Annotated[int | None, typer.Option(
@@ -94,11 +95,15 @@ def sample(
             prime = prime_file.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as exc:
             raise UserError(f"cannot read --prime-file {prime_file}: {exc}") from None
+    if argmax and temperature is not None:
+        raise UserError("give --argmax or --temperature, not both (--argmax always takes the likeliest character)")
     given = {"num_samples": num_samples, "length": length, "temperature": temperature, "top_k": top_k,
              "prime": prime, "seed": seed, "argmax": argmax, "checkpoint": checkpoint}
+    chosen: dict[str, object] = {k: v for k, v in given.items() if v is not None}
+    if top_k == 0:
+        chosen["top_k"] = None  # all characters, whatever the run set
     try:
-        config = SampleConfig.model_validate(
-            {**view.spec.get("sample", {}), **{k: v for k, v in given.items() if v is not None}})
+        config = SampleConfig.model_validate({**view.spec.get("sample", {}), **chosen})
     except ValidationError as err:
         raise UserError(f"invalid option: {describe_errors(err)}") from None
     key = find_checkpoint(storage, view.id, config.checkpoint)
