@@ -13,6 +13,7 @@ from typing import Any
 from pydantic import AliasChoices, Field, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from schemas.base import error_message
 from schemas.errors import InvalidSpec
 
 
@@ -82,4 +83,4 @@ def _setting_error(error: Any) -> str:
     """One refused setting, by the name a user sets it with (the flag of the same name wins)."""
     field = str(error["loc"][0]) if error["loc"] else "?"
     name = "RAY_ADDRESS" if field == "ray_address" else f"CHARFORGE_{field.upper()}"
-    return f"invalid setting {name}: {error['msg']} (got {error.get('input')!r})"
+    return f"invalid setting {name}: {error_message(error)} (got {error.get('input')!r})"

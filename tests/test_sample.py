@@ -323,3 +323,15 @@ def test_sample_stage_names_the_steps_there_are_when_its_checkpoint_is_gone(tmp_
     with pytest.raises(ArtifactNotFound, match="no checkpoint at step 90; available steps: 40"):
         run_sample_stage(storage, RUN, SampleConfig(num_samples=1, length=5, checkpoint="90"), ListReporter(),
                          checkpoint_key=keys.checkpoint(RUN, 90))
+
+
+def test_jobs_sample_options_over_the_runs_stored_ones():
+    from orchestrator.cli.results import sample_options
+    from schemas.errors import UserError
+
+    stored = SampleConfig(length=48, top_k=3, argmax=True, temperature=0.6).model_dump()
+    assert sample_options(stored, num_samples=4, length=None, top_k=None).model_dump() == {**stored, "num_samples": 4}
+    lifted = sample_options(stored, top_k=0, temperature=0.5)  # top-k lifted; a temperature turns argmax off
+    assert (lifted.top_k, lifted.temperature, lifted.argmax, lifted.greedy) == (None, 0.5, False, False)
+    with pytest.raises(UserError, match="give --argmax or --temperature, not both"):
+        sample_options(stored, argmax=True, temperature=0.5)

@@ -17,6 +17,7 @@ import typer
 from pydantic import ValidationError
 from rich.markup import escape
 
+from schemas.base import error_message
 from schemas.corpus import CorpusConfig
 from schemas.errors import InvalidSpec
 from schemas.repo import RepoSpec, parse_repo_spec
@@ -56,9 +57,6 @@ GitBase = Annotated[str | None, typer.Option(
     "--git-base-url", metavar="URL", help=escape("Where owner/name resolves. [env: CHARFORGE_GIT_BASE_URL]"))]
 
 
-
-
-
 # The filter flags `build` and `inspect` share, by parameter name.
 FILTER_FLAGS = ("include", "exclude", "lang", "max_file_size", "max_total_size", "max_line_length",
                 "no_header", "invalid_utf8", "keep_duplicates", "keep_vendored", "keep_crlf")
@@ -93,8 +91,7 @@ def _config(**flags: Any) -> CorpusConfig:
         return CorpusConfig(**values)
     except ValidationError as err:
         first = err.errors()[0]
-        message = first["msg"].removeprefix("Value error, ")  # pydantic's wording for a validator's ValueError
-        raise InvalidSpec(f"bad corpus option {first['loc'][0]}: {message}") from None
+        raise InvalidSpec(f"bad corpus option {first['loc'][0]}: {error_message(first)}") from None
 
 
 class _ProgressReporter:

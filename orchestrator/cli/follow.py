@@ -47,15 +47,19 @@ def describe(view: RunView, stale_after: float) -> str:
     return f"{escape(view.name)} [dim]{view.id}[/dim] {render.status_word(view, stale_after)}{stage}{extra}"
 
 
+OUTAGE_LIMIT = 600.0  # seconds a follower waits for the database before it gives up
+
+
 class _Reader:
     """The runs' views, read again at each poll. Once they have been read, a database that goes
     away is waited for (said once, and once more when it is back), as the dispatcher waits:
-    runs in Ray go on meanwhile and their progress reaches the store when it returns."""
+    runs in Ray go on meanwhile and their progress reaches the store when it returns. After
+    OUTAGE_LIMIT seconds without it (a password changed, a database dropped) it gives up."""
 
-    def __init__(self, store: RunStore, run_ids: Sequence[str]) -> None:
-        self.store, self.run_ids = store, run_ids
+    def __init__(self, store: RunStore, run_ids: Sequence[str], limit: float = OUTAGE_LIMIT) -> None:
+        self.store, self.run_ids, self.limit = store, run_ids, limit
         self.views: list[RunView] | None = None
-        self.away = False
+        self.away_since: float | None = None
 
     def read(self) -> list[RunView]:
         try:
@@ -63,13 +67,19 @@ class _Reader:
         except DatabaseUnavailable as exc:
             if self.views is None:
                 raise
-            if not self.away:
+            now = time.monotonic()
+            if self.away_since is None:
                 context.err.print(f"{escape(exc.message)}: waiting for it (the runs go on)")
-                self.away = True
+                self.away_since = now
+            elif now - self.away_since > self.limit:
+                raise DatabaseUnavailable(
+                    f"{exc.message}; gave up waiting after {self.limit:g}s. Once it is back, `charforge jobs "
+                    f"resume RUN` takes back a run this left running ({', '.join(self.run_ids)})"
+                ) from None
             return self.views
-        if self.away:
+        if self.away_since is not None:
             context.err.print("the database is back")
-            self.away = False
+            self.away_since = None
         self.views = views
         return views
 
@@ -130,7 +140,7 @@ def run_embedded(cfg: Settings, store: RunStore, run_ids: Sequence[str], *, bars
             try:
                 dispatcher.tick()
             except DatabaseUnavailable as exc:
-                log.warning("%s; retrying", exc.message)
+                log.debug("%s; retrying", exc.message)  # the follower says it, once
             except BaseException as exc:  # noqa: BLE001 - surfaced in the main thread
                 failure.append(exc)
                 stop.set()
@@ -143,11 +153,17 @@ def run_embedded(cfg: Settings, store: RunStore, run_ids: Sequence[str], *, bars
         views = follow(store, run_ids, bars=bars, stale_after=cfg.heartbeat_timeout, stop=stop)
     except KeyboardInterrupt:
         context.err.print("interrupted: cancelling")
-        for rid in run_ids:
-            try:
-                store.cancel(rid)
-            except IllegalTransition:
-                pass
+        try:
+            for rid in run_ids:
+                try:
+                    store.cancel(rid)
+                except IllegalTransition:
+                    pass
+        except DatabaseUnavailable as exc:  # the tasks die with this process; the runs stay running
+            raise DatabaseUnavailable(
+                f"{exc.message}: could not cancel; the runs' tasks end with this process. Once it is back, "
+                f"`charforge jobs cancel` or `jobs resume` them ({', '.join(run_ids)})"
+            ) from None
         views = follow(store, run_ids, bars=False, stale_after=cfg.heartbeat_timeout, stop=stop)
         _wait_idle(dispatcher, stop)
     finally:
@@ -164,12 +180,17 @@ def run_embedded(cfg: Settings, store: RunStore, run_ids: Sequence[str], *, bars
 
 
 def _fail_unfinished(store: RunStore, run_ids: Sequence[str], error: str) -> None:
-    for view in store.get_runs(run_ids):
-        if view.status not in TERMINAL:
-            try:
-                store.transition(view.id, RunStatus.FAILED, expected=view.status, error=error)
-            except IllegalTransition:
-                pass
+    """Fail the runs nothing will drive now; with the database away, leave them (the error that
+    stopped the dispatcher is the one to show; `jobs resume` takes them back later)."""
+    try:
+        for view in store.get_runs(run_ids):
+            if view.status not in TERMINAL:
+                try:
+                    store.transition(view.id, RunStatus.FAILED, expected=view.status, error=error)
+                except IllegalTransition:
+                    pass
+    except DatabaseUnavailable:
+        log.debug("could not fail %s: the database is away", ", ".join(run_ids))
 
 
 def _wait_idle(dispatcher: Dispatcher, stop: threading.Event, timeout: float = 15.0) -> None:

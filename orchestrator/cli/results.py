@@ -95,17 +95,9 @@ def sample(
             prime = prime_file.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as exc:
             raise UserError(f"cannot read --prime-file {prime_file}: {exc}") from None
-    if argmax and temperature is not None:
-        raise UserError("give --argmax or --temperature, not both (--argmax always takes the likeliest character)")
-    given = {"num_samples": num_samples, "length": length, "temperature": temperature, "top_k": top_k,
-             "prime": prime, "seed": seed, "argmax": argmax, "checkpoint": checkpoint}
-    chosen: dict[str, object] = {k: v for k, v in given.items() if v is not None}
-    if top_k == 0:
-        chosen["top_k"] = None  # all characters, whatever the run set
-    try:
-        config = SampleConfig.model_validate({**view.spec.get("sample", {}), **chosen})
-    except ValidationError as err:
-        raise UserError(f"invalid option: {describe_errors(err)}") from None
+    config = sample_options(view.spec.get("sample", {}), num_samples=num_samples, length=length,
+                            temperature=temperature, top_k=top_k, prime=prime, seed=seed, argmax=argmax,
+                            checkpoint=checkpoint)
     key = find_checkpoint(storage, view.id, config.checkpoint)
     corpus = _corpus_result(store, view.id)
     if cfg.embedded:
@@ -120,6 +112,22 @@ def sample(
         return
     _print_samples(records, corpus.main_language if corpus else None)
     context.err.print(f"stored {plural(len(records), 'samples')} from step {result.checkpoint_step} at {result.key}")
+
+
+def sample_options(stored: dict[str, Any], **given: Any) -> SampleConfig:
+    """`jobs sample`'s options over the run's stored `spec.sample`: those given (not None) win;
+    `top_k=0` lifts the run's top-k; a temperature given turns a stored argmax off."""
+    if given.get("argmax") and given.get("temperature") is not None:
+        raise UserError("give --argmax or --temperature, not both (--argmax always takes the likeliest character)")
+    chosen = {k: v for k, v in given.items() if v is not None}
+    if given.get("top_k") == 0:
+        chosen["top_k"] = None  # all characters, whatever the run set
+    if given.get("temperature") is not None:
+        chosen["argmax"] = False  # a temperature asked for here beats a run's sample.argmax=true
+    try:
+        return SampleConfig.model_validate({**stored, **chosen})
+    except ValidationError as err:
+        raise UserError(f"invalid option: {describe_errors(err)}") from None
 
 
 def _corpus_result(store: Any, run_id: str) -> Any:
