@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from pydantic import BaseModel, ConfigDict, ValidationError
+
+
+def error_message(error: Any) -> str:
+    """One of `ValidationError.errors()`'s messages, without pydantic's "Value error, " before a
+    validator's own words."""
+    return str(error["msg"]).removeprefix("Value error, ")
 
 
 def describe_errors(err: ValidationError, prefix: str = "") -> str:
@@ -10,8 +18,7 @@ def describe_errors(err: ValidationError, prefix: str = "") -> str:
     parts = []
     for e in err.errors():
         loc = ".".join(str(p) for p in (prefix, *e["loc"]) if p != "")
-        message = e["msg"].removeprefix("Value error, ")  # pydantic's wording for a validator's ValueError
-        parts.append(f"{loc}: {message} (got {e.get('input')!r})")
+        parts.append(f"{loc}: {error_message(e)} (got {e.get('input')!r})")
     return "; ".join(parts)
 
 

@@ -57,9 +57,16 @@ def parse_repo_spec(spec: str, *, cwd: Path | None = None) -> RepoSpec:
         raise InvalidSpec(f"repo spec {raw!r} names a git remote helper (ext::, fd::): refused")
 
     def here(path: Path) -> Path:  # a relative path is relative to `cwd`, not this process's
+        path = path.expanduser()
         return path if path.is_absolute() else (cwd or Path.cwd()) / path
 
-    if any(ch in raw for ch in "\0\n\r\t ") and ("\0" in raw or not here(Path(raw)).exists()):
+    def exists(path: Path) -> bool:
+        try:
+            return "\0" not in str(path) and here(path).exists()
+        except OSError:  # a name too long for the file system, say: not a local folder
+            return False
+
+    if any(ch in raw for ch in "\0\n\r\t ") and not exists(Path(raw)):
         raise InvalidSpec(f"repo spec {raw!r} contains whitespace or control characters")
 
     ref: str | None = None
@@ -86,14 +93,18 @@ def parse_repo_spec(spec: str, *, cwd: Path | None = None) -> RepoSpec:
     if _SCP.match(raw.split("#", 1)[0]):
         return RepoSpec(spec=raw, kind=RepoKind.URL, location=raw)
 
-    local = here(Path(raw).expanduser())
+    local = here(Path(raw))
     # A path that exists is a local directory, even one named like owner/name (write the owner/name
     # of a remote from elsewhere, or its URL, to fetch it instead).
-    if raw.startswith((".", "/", "~")) or local.exists():
+    if raw.startswith((".", "/", "~")) or exists(local):
         local = local.resolve()
-        if not local.is_dir():
+        try:
+            is_dir = local.is_dir()
+        except OSError as exc:  # a name too long, say
+            raise InvalidSpec(f"local repo {raw[:80]!r}: {exc.strerror}") from None
+        if not is_dir:
             path, at, _ = raw.rpartition("@")
-            if at and here(Path(path).expanduser()).is_dir():
+            if at and here(Path(path)).is_dir():
                 raise InvalidSpec(f"local repo {raw!r}: a local path takes no @ref (its committed HEAD is read); "
                                   "check out the ref there, or give the repo's URL with @ref")
             raise InvalidSpec(f"local repo {raw!r} is not a directory")

@@ -47,6 +47,15 @@ def test_local_paths_that_cannot_be_what_was_meant_say_why(tmp_path):
             parse_repo_spec(spec, cwd=tmp_path)
     with pytest.raises(InvalidSpec, match="a local path takes no @ref"):
         parse_repo_spec("./proj@v1", cwd=tmp_path)
+    with pytest.raises(InvalidSpec, match="File name too long"):
+        parse_repo_spec("./" + "x" * 300, cwd=tmp_path)
+    assert parse_repo_spec("acme/" + "x" * 300, cwd=tmp_path).kind is RepoKind.SHORTHAND  # not a folder here
+
+
+def test_a_folder_under_home_may_hold_a_space(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "My Projects" / "x").mkdir(parents=True)
+    assert parse_repo_spec("~/My Projects/x").location == str(tmp_path / "My Projects" / "x")
 
 
 def test_an_owner_name_that_exists_under_cwd_is_that_folder(tmp_path):

@@ -15,7 +15,6 @@ from orchestrator.cli.follow import follow
 from schemas.errors import IllegalTransition, UserError
 from schemas.run import RunSpec, build_run_spec
 from schemas.status import TERMINAL, RunStatus
-from schemas.training import ModelConfig
 from schemas.views import RunView
 
 jobs_app = typer.Typer(help="Submit, follow and manage training runs.", no_args_is_help=True)
@@ -67,11 +66,13 @@ def submit(
     groups = [repo] if combine else [[r] for r in repo]
     init_key, init_model = None, None
     if init_from:
-        from workers.checkpoint import find_checkpoint  # torch: only when fine-tuning
+        from workers.checkpoint import find_checkpoint, load_checkpoint  # torch: only when fine-tuning
 
-        source = store.get_run(init_from)
-        init_from, init_model = source.id, ModelConfig.model_validate(source.spec["model"])
+        init_from = store.resolve_id(init_from)
         init_key = find_checkpoint(cfg.storage(), init_from, "best")
+        # The network that will train is the checkpoint's (the source's spec may say another:
+        # runs fine-tuned before specs recorded it said their preset's).
+        init_model = load_checkpoint(cfg.storage(), init_key).model_config
     specs: list[RunSpec] = []
     for group in groups:
         spec = build_run_spec(group, name=name, preset=preset, sets=set_ or (), corpus_overrides=overrides,
