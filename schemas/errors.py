@@ -43,6 +43,10 @@ class TrainingError(UserError):
     """Training stopped for a reason retrying cannot fix (NaN, divergence, vocab mismatch)."""
 
 
+class CheckpointDamaged(TrainingError):
+    """A checkpoint whose bytes are not the ones recorded when it was written."""
+
+
 class SamplingError(UserError):
     """Sampling options do not fit the checkpoint (e.g. a prime character outside the vocab)."""
 

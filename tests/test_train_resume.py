@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 import torch
 
+from schemas.errors import CheckpointDamaged
 from schemas.events import EventKind
 from schemas.training import PRESETS, ModelConfig
 from tests.test_train import code_text, make_corpus
@@ -76,6 +77,29 @@ def test_resume_gives_the_same_losses(tmp_path: Path, batching: str) -> None:
     b = load_checkpoint(storage, result.checkpoint_key).state_dict
     assert all(torch.equal(a[name], b[name]) for name in a)
     assert any("resuming from checkpoint at step 20" in e["message"] for e in resumed.of(EventKind.LOG))
+
+
+def test_a_damaged_latest_checkpoint_resumes_from_the_newest_whole_one(tmp_path: Path) -> None:
+    storage = LocalStorage(tmp_path)
+    corpus = make_corpus(storage, code_text(4096))
+    train = PRESETS["tiny"][1].model_copy(update={"max_iters": 40, "checkpoint_every": 10, "keep_last": 3})
+    with pytest.raises(Killed):
+        run_train_stage(storage, "dddd04", corpus, MODEL, train, DyingReporter(die_at=35), num_threads=1)
+    latest = storage.root / keys.checkpoint("dddd04", 30)
+    data = bytearray(latest.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # e.g. a second trainer's bytes, not the ones recorded
+    latest.write_bytes(bytes(data))
+    resumed = ListReporter()
+    result = run_train_stage(storage, "dddd04", corpus, MODEL, train, resumed, num_threads=1)
+    logs = [e["message"] for e in resumed.of(EventKind.LOG)]
+    assert any("damaged in storage; resuming from step 20 instead" in m for m in logs)
+    assert 20 < history(resumed)[0][0] <= 25 and result.final_step == 40
+    for path in (storage.root / keys.checkpoints_prefix("dddd04")).glob("step-*.pt"):
+        data = bytearray(path.read_bytes())  # with nothing whole left, the error says what to delete
+        data[len(data) // 2] ^= 0xFF
+        path.write_bytes(bytes(data))
+    with pytest.raises(CheckpointDamaged, match=r"no other kept checkpoint is whole: delete runs/dddd04/checkpoints/"):
+        run_train_stage(storage, "dddd04", corpus, MODEL, train, ListReporter(), num_threads=1)
 
 
 def test_resuming_a_finished_run_trains_no_more(tmp_path: Path) -> None:

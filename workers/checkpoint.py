@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from pydantic import ValidationError
 
-from schemas.errors import ArtifactNotFound, InvalidSpec, TrainingError
+from schemas.errors import ArtifactNotFound, CheckpointDamaged, InvalidSpec, TrainingError
 from schemas.training import ModelConfig, TrainConfig
 from workers import keys
 from workers.model import CharRNN
@@ -104,8 +104,8 @@ def load_checkpoint(
     expected = recorded_sha256(storage, key)
     with storage.local_path(key) as path:
         if expected is not None and (actual := file_sha256(path)) != expected:
-            raise _refuse(key, f"its sha256 is {actual[:12]}, not the {expected[:12]} recorded when it was "
-                               "written: it was damaged in storage")
+            raise CheckpointDamaged(f"checkpoint {key!r} refused: its sha256 is {actual[:12]}, not the "
+                                    f"{expected[:12]} recorded when it was written: it was damaged in storage")
         try:
             payload = torch.load(path, map_location=map_location, weights_only=True)
         except pickle.UnpicklingError as err:
