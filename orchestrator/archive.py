@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import IO, Any, BinaryIO
 
 from schemas.errors import StorageError, UserError
-from workers.storage import CHUNK, Storage
+from workers.storage import CHUNK, Storage, unwritable_reason
 
 
 @dataclass(frozen=True)
@@ -63,6 +63,9 @@ def atomic_file(dest: Destination) -> Iterator[tuple[Path, Callable[[Path], str]
 
     def final(path: Path) -> str:
         if dest.path is not None:
+            reason = unwritable_reason(dest.path, now=True)  # swapped in while the archive was written?
+            if reason is not None:
+                raise UserError(reason)
             path.chmod(0o644)  # mkstemp makes it private; an archive is meant to be shared
             os.replace(path, dest.path)
             return dest.path.as_uri()

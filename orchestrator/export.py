@@ -29,7 +29,7 @@ from orchestrator.archive import Destination, Member, atomic_file, write_archive
 from schemas.errors import StorageError, UserError
 from schemas.views import ArtifactView, RunView
 from workers import keys
-from workers.storage import Storage, check_key, file_sha256, open_storage, unwritable_kind
+from workers.storage import Storage, check_key, file_sha256, open_storage, unwritable_reason
 
 FORMATS = keys.FORMATS
 MANIFEST_VERSION = 1
@@ -93,7 +93,7 @@ def resolve_format(out: str | None, fmt: str | None) -> str:
     """The format asked for, or the one `out`'s name ends in, or tar.gz; a clash is an error."""
     suffix = next((f for f in FORMATS if out and out.lower().endswith("." + f)), None)
     other = next((o for o in OTHER_ARCHIVES if out and out.lower().endswith(o)), None)
-    if suffix is None and other is not None:
+    if suffix is None and other is not None and not Path(out or "").expanduser().is_dir():  # a folder: we name
         raise UserError(f"--out {out!r} ends in {other}, which charforge does not write: "
                         f"name it .{' or .'.join(FORMATS)}")
     chosen = fmt or suffix or "tar.gz"
@@ -131,9 +131,9 @@ def resolve_destination(
         path = path / default_name
     elif not path.parent.is_dir():
         raise UserError(f"cannot write {out}: directory {path.parent} does not exist")
-    kind = unwritable_kind(path)
-    if kind is not None:
-        raise UserError(f"cannot write {path}: it is {kind}; give a new path or a regular file to replace")
+    reason = unwritable_reason(path)
+    if reason is not None:
+        raise UserError(reason)
     return Destination(path.resolve(), None, None, str(path.resolve()))
 
 

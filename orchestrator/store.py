@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import fnmatch
 import secrets
-import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, cast
@@ -276,7 +275,7 @@ class RunStore(ClusterQueries):
         silent = view.silent_for(utcnow())
         if stale_after is not None and silent is not None and silent > stale_after:
             return self.recover(view.id, f"no heartbeat for {silent:.0f}s; resumed by user",
-                                max_recoveries=sys.maxsize, owner=owner)
+                                max_recoveries=0, owner=owner, counted=False)
         if view.status not in (RunStatus.FAILED, RunStatus.CANCELLED):
             alive = f" (heartbeat {silent:.0f}s ago)" if silent is not None else ""
             also = (f" (or running ones with no heartbeat for over {stale_after:g}s)"
@@ -311,21 +310,23 @@ class RunStore(ClusterQueries):
             ]
         return self.get_runs(claimed)
 
-    def recover(self, run_id: str, reason: str, *, max_recoveries: int, owner: str | None = None) -> RunView:
+    def recover(self, run_id: str, reason: str, *, max_recoveries: int, owner: str | None = None,
+                counted: bool = True) -> RunView:
         """A running run lost its dispatcher or worker: queue it again, or fail it as lost.
 
         One transaction: the open attempts are closed as lost, the count goes up, and the move
         is conditional on the run still being running under `owner` (the dispatcher the caller
         saw), so a run another dispatcher recovered and claimed again meanwhile is left alone.
+        `counted=False` (a user's `jobs resume`): not counted against `max_recoveries`.
         """
         with self._session() as session:
             run = self._get_run(session, run_id)
             owner = owner or run.dispatcher_id
-            gave_up = run.recoveries + 1 > max_recoveries
+            gave_up = counted and run.recoveries + 1 > max_recoveries
             new = RunStatus.FAILED if gave_up else RunStatus.QUEUED
             error = f"lost: {reason} (gave up after {max_recoveries} recoveries)" if gave_up else None
             if not _move(session, run, RunStatus.RUNNING, new, error=error, owner=owner,
-                         recoveries=Run.recoveries + 1):
+                         recoveries=Run.recoveries + int(counted)):
                 raise IllegalTransition(f"run {run.id} is no longer running under {owner}: not recovering it")
             session.execute(
                 update(StageAttempt)

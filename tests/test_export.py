@@ -198,6 +198,13 @@ def test_destination_errors_are_one_line(tmp_path, world):
         assert "\n" not in message
 
 
+def test_a_folder_named_like_another_archive_takes_the_export_inside(tmp_path, world):
+    storage, runs = world
+    (tmp_path / "old.tar").mkdir()
+    result = export_runs(runs, storage, str(tmp_path / "old.tar"))
+    assert Path(result.destination).parent == tmp_path / "old.tar" and result.destination.endswith(".tar.gz")
+
+
 def test_a_destination_that_is_a_fifo_or_link_is_refused_and_left_alone(tmp_path, world):
     """The archive is renamed onto its destination: over a FIFO or device that would replace the node."""
     storage, runs = world

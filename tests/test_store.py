@@ -99,6 +99,8 @@ def test_resume_takes_back_a_running_run_whose_heartbeat_stopped(store: RunStore
     assert any(re.fullmatch(r"lost: no heartbeat for 30\ds; resumed by user", line.message)
                for line in store.logs(run.id))
     assert store.claim("d2", 1)[0].id == run.id  # and any dispatcher can take it
+    # A resume by hand spends none of the automatic recoveries: the first one still queues it.
+    assert store.recover(run.id, "no heartbeat", max_recoveries=1).status is RunStatus.QUEUED
 
 
 def test_claims_never_hand_a_run_to_two_dispatchers(store: RunStore) -> None:

@@ -57,9 +57,12 @@ def read_text_chunks(stream: Iterable[bytes]) -> Iterator[str]:
         yield tail
 
 
-def _storage_chunks(storage: Storage, key: str) -> Iterator[str]:
+def _storage_chunks(storage: Storage, key: str, digest: Any = None) -> Iterator[str]:
+    """The text of `key`, decoded a chunk at a time; its bytes also go through `digest` (a hashlib
+    object) when one is given."""
     with storage.open(key) as fh:
-        yield from read_text_chunks(iter(lambda: fh.read(TEXT_CHUNK), b""))
+        blocks = iter(lambda: fh.read(TEXT_CHUNK), b"")
+        yield from read_text_chunks(blocks if digest is None else _hashed(blocks, digest))
 
 
 def count_codepoints(chunks: Iterable[str]) -> dict[str, int]:
@@ -186,9 +189,8 @@ def prepare_corpus(
     length = 0
     expected = _manifest_text(storage, corpus)
     seen = hashlib.sha256()
-    with storage.writer(bin_key) as out, storage.open(corpus.text_key) as fh:
-        blocks = iter(lambda: fh.read(TEXT_CHUNK), b"")
-        for chunk in read_text_chunks(_hashed(blocks, seen)):
+    with storage.writer(bin_key) as out:
+        for chunk in _storage_chunks(storage, corpus.text_key, seen):
             ids = vocab.encode(chunk)
             out.write(ids.tobytes())
             length += len(ids)

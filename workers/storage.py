@@ -102,6 +102,17 @@ def unwritable_kind(path: Path) -> str | None:
     return next((kind for test, kind in _KINDS if test(mode)), None if stat.S_ISREG(mode) else "not a regular file")
 
 
+def unwritable_reason(path: Path, *, now: bool = False) -> str | None:
+    """`cannot write PATH: it is a FIFO; ...` for a destination that exists as anything but a
+    regular file (`now`: found so only after the work was done), else None."""
+    kind = unwritable_kind(path)
+    if kind is None:
+        return None
+    if now:
+        return f"cannot write {path}: it is {kind} now; nothing was written there"
+    return f"cannot write {path}: it is {kind}; give a new path or a regular file to replace"
+
+
 def file_sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as fh:

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from schemas.errors import CorpusError, InvalidSpec, StorageError
-from workers.storage import unwritable_kind
+from workers.storage import unwritable_reason
 
 SCRATCH_PREFIX = "build-"
 # A host name in entry names: a scratch root on a shared file system must not lose another
@@ -107,9 +107,9 @@ def scratch_dir(parent: Path | None = None) -> Iterator[Path]:
 
 def _temp_beside(dest: Path) -> Path:
     """An empty new file next to `dest`, to be renamed onto it; refuses what cannot be written."""
-    kind = unwritable_kind(dest)
-    if kind is not None:
-        raise InvalidSpec(f"cannot write {dest}: it is {kind}; give a new path or a regular file to replace")
+    reason = unwritable_reason(dest)
+    if reason is not None:
+        raise InvalidSpec(reason)
     try:
         try:
             dest.parent.mkdir(parents=True, exist_ok=True)
@@ -165,9 +165,9 @@ def publish(temp: Path, dest: Path) -> None:
     writing all of the new one to disk at once (auto_da_alloc), 0.27 s per 200 MB of corpus
     here, against microseconds for the exchange. Where there is no exchange, `os.replace`.
     """
-    kind = unwritable_kind(dest)  # again: it may have been swapped in during the build
-    if kind is not None:
-        raise StorageError(f"cannot write {dest}: it is {kind} now; the corpus is not written")
+    reason = unwritable_reason(dest, now=True)  # again: it may have been swapped in during the build
+    if reason is not None:
+        raise StorageError(reason)
     try:
         if not (dest.exists() and _exchange(temp, dest)):
             os.replace(temp, dest)
