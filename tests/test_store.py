@@ -103,6 +103,28 @@ def test_resume_takes_back_a_running_run_whose_heartbeat_stopped(store: RunStore
     assert store.recover(run.id, "no heartbeat", max_recoveries=1).status is RunStatus.QUEUED
 
 
+def test_resume_leaves_a_run_another_dispatcher_took_meanwhile(store: RunStore, monkeypatch) -> None:
+    """A serve recovers the stale run and another claims it between resume's reads: the fresh
+    claim stands (the owner is read before the heartbeat, and the move is conditional on it)."""
+    run = store.create_run(_spec())
+    store.claim("d1", 1)
+    with store.engine.begin() as conn:
+        conn.execute(update(Run).where(Run.id == run.id).values(heartbeat_at=utcnow() - timedelta(minutes=5)))
+    owners = store.owners
+
+    def owners_then_taken(ids):
+        seen = owners(ids)
+        store.recover(run.id, "no heartbeat", max_recoveries=5)
+        store.claim("d2", 1)
+        return seen
+
+    monkeypatch.setattr(store, "owners", owners_then_taken)
+    with pytest.raises(IllegalTransition, match=r"is running \(heartbeat 0s ago\)"):
+        store.resume(run.id, stale_after=60)
+    monkeypatch.undo()
+    assert store.owners([run.id])[run.id] == (RunStatus.RUNNING, "d2")
+
+
 def test_claims_never_hand_a_run_to_two_dispatchers(store: RunStore) -> None:
     ids = {store.create_run(_spec(f"acme/r{i}")).id for i in range(12)}
     got: dict[str, list[str]] = {}
