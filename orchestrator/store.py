@@ -338,39 +338,6 @@ class RunStore(ClusterQueries):
 
     # ---- bookkeeping while a run runs (the dispatcher's side) --------------------------------
 
-    def start_attempt(self, run_id: str, stage: Stage, dispatcher_id: str) -> int:
-        with self._session() as session:
-            previous = session.scalars(
-                select(StageAttempt.attempt).where(
-                    StageAttempt.run_id == run_id, StageAttempt.stage == stage.value
-                )
-            ).all()
-            attempt = max(previous, default=0) + 1
-            session.add(StageAttempt(run_id=run_id, stage=stage.value, attempt=attempt, dispatcher_id=dispatcher_id))
-            session.execute(update(Run).where(Run.id == run_id).values(stage=stage.value))
-            return attempt
-
-    def finish_attempt(
-        self, run_id: str, stage: Stage, attempt: int, outcome: str, error: str | None = None
-    ) -> None:
-        with self._session() as session:
-            session.execute(
-                update(StageAttempt)
-                .where(StageAttempt.run_id == run_id, StageAttempt.stage == stage.value,
-                       StageAttempt.attempt == attempt)
-                .values(outcome=outcome, error=error, finished_at=utcnow())
-            )
-
-    def close_open_attempts(self, run_id: str, outcome: str, error: str | None = None, *,
-                            dispatcher_id: str | None = None) -> None:
-        """Finish the run's unfinished attempts (only `dispatcher_id`'s, when given)."""
-        where = [StageAttempt.run_id == run_id, StageAttempt.finished_at.is_(None)]
-        if dispatcher_id is not None:
-            where.append(StageAttempt.dispatcher_id == dispatcher_id)
-        with self._session() as session:
-            session.execute(update(StageAttempt).where(*where).values(outcome=outcome, error=error,
-                                                                        finished_at=utcnow()))
-
     def append_log(self, run_id: str, message: str, stage: str | None = None) -> None:
         with self._session() as session:
             session.add(LogLineRow(run_id=run_id, stage=stage, message=message, at=utcnow()))

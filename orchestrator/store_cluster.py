@@ -1,4 +1,5 @@
-"""The run store's queries for dispatchers: heartbeats, ownership, lost runs, shared corpora.
+"""The run store's queries for dispatchers: stage attempts, heartbeats, ownership, lost runs,
+shared corpora.
 
 A mixin of `RunStore` (kept apart so store.py stays readable); every method opens one session
 scope like the rest of the store. Status changes still go through `RunStore.transition`/`recover`.
@@ -12,12 +13,45 @@ from typing import Any
 
 from sqlalchemy import select, update
 
-from schemas.models import Run, utcnow
+from schemas.models import Run, StageAttempt, utcnow
 from schemas.status import RunStatus, Stage
 
 
 class ClusterQueries:
     _session: Any  # RunStore's session scope
+
+    def start_attempt(self, run_id: str, stage: Stage, dispatcher_id: str) -> int:
+        with self._session() as session:
+            previous = session.scalars(
+                select(StageAttempt.attempt).where(
+                    StageAttempt.run_id == run_id, StageAttempt.stage == stage.value
+                )
+            ).all()
+            attempt = max(previous, default=0) + 1
+            session.add(StageAttempt(run_id=run_id, stage=stage.value, attempt=attempt, dispatcher_id=dispatcher_id))
+            session.execute(update(Run).where(Run.id == run_id).values(stage=stage.value))
+            return attempt
+
+    def finish_attempt(
+        self, run_id: str, stage: Stage, attempt: int, outcome: str, error: str | None = None
+    ) -> None:
+        with self._session() as session:
+            session.execute(
+                update(StageAttempt)
+                .where(StageAttempt.run_id == run_id, StageAttempt.stage == stage.value,
+                       StageAttempt.attempt == attempt)
+                .values(outcome=outcome, error=error, finished_at=utcnow())
+            )
+
+    def close_open_attempts(self, run_id: str, outcome: str, error: str | None = None, *,
+                            dispatcher_id: str | None = None) -> None:
+        """Finish the run's unfinished attempts (only `dispatcher_id`'s, when given)."""
+        where = [StageAttempt.run_id == run_id, StageAttempt.finished_at.is_(None)]
+        if dispatcher_id is not None:
+            where.append(StageAttempt.dispatcher_id == dispatcher_id)
+        with self._session() as session:
+            session.execute(update(StageAttempt).where(*where).values(outcome=outcome, error=error,
+                                                                        finished_at=utcnow()))
 
     def heartbeat(self, dispatcher_id: str, run_ids: Sequence[str]) -> None:
         """Stamp the runs this dispatcher still owns (a run taken over meanwhile is not touched)."""

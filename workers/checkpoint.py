@@ -17,6 +17,7 @@ import json
 import math
 import pickle
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -235,6 +236,27 @@ def find_checkpoint(storage: Storage, run_id: str, which: str = "latest") -> str
         return keys.checkpoint(run_id, written[-1])  # a step file written before its pointer
     entry = pointer.get("best") if which == "best" else None
     return (entry or pointer["latest"])["key"]
+
+
+def resumable(storage: Storage, run_id: str, pointer: dict[str, Any], log: Callable[[str], None]) -> Checkpoint:
+    """The latest checkpoint, or, when it is damaged in storage, the newest kept one that is not
+    (training rewinds to it). Two trainers of one run (the old one not yet killed after a
+    recovery) can leave a step file that is not the one `latest.json` recorded."""
+    latest = pointer["latest"]["key"]
+    try:
+        return load_checkpoint(storage, latest, map_location="cpu")
+    except CheckpointDamaged as damaged:
+        for entry in reversed(pointer.get("kept", [])):
+            if entry["key"] == latest:
+                continue
+            try:
+                start = load_checkpoint(storage, entry["key"], map_location="cpu")
+            except (CheckpointDamaged, ArtifactNotFound):
+                continue
+            log(f"{damaged.message}; resuming from step {start.step} instead")
+            return start
+        raise CheckpointDamaged(f"{damaged.message}; no other kept checkpoint is whole: delete "
+                                f"{keys.checkpoints_prefix(run_id)} to train this run from the start") from None
 
 
 def record_checkpoint(

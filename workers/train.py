@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from schemas.errors import ArtifactNotFound, CheckpointDamaged, TrainingError
+from schemas.errors import TrainingError
 from schemas.results import CorpusResult, TrainResult
 from schemas.training import ModelConfig, TrainConfig
 from workers import keys
@@ -31,6 +31,7 @@ from workers.checkpoint import (
     load_checkpoint,
     read_pointer,
     record_checkpoint,
+    resumable,
     save_checkpoint,
 )
 from workers.data import Batches, prepare_corpus, split
@@ -73,7 +74,7 @@ def run_train_stage(
     vocab: Vocab | None = None
     pointer = read_pointer(storage, run_id)
     if pointer is not None:
-        start = _resumable(storage, run_id, pointer, reporter)
+        start = resumable(storage, run_id, pointer, reporter.log)
         if start.info.get("finished"):
             reporter.log(f"training already finished at step {start.step}; nothing to resume")
             return _result(start, pointer)
@@ -100,27 +101,6 @@ def run_train_stage(
         elif start is not None:
             trainer.model.load_state_dict(start.state_dict)
         return trainer.run()
-
-
-def _resumable(storage: Storage, run_id: str, pointer: dict[str, Any], reporter: Reporter) -> Checkpoint:
-    """The latest checkpoint, or, when it is damaged in storage, the newest kept one that is not
-    (training rewinds to it). Two trainers of one run (the old one not yet killed after a
-    recovery) can leave a step file that is not the one `latest.json` recorded."""
-    latest = pointer["latest"]["key"]
-    try:
-        return load_checkpoint(storage, latest, map_location="cpu")
-    except CheckpointDamaged as damaged:
-        for entry in reversed(pointer.get("kept", [])):
-            if entry["key"] == latest:
-                continue
-            try:
-                start = load_checkpoint(storage, entry["key"], map_location="cpu")
-            except (CheckpointDamaged, ArtifactNotFound):
-                continue
-            reporter.log(f"{damaged.message}; resuming from step {start.step} instead")
-            return start
-        raise CheckpointDamaged(f"{damaged.message}; no other kept checkpoint is whole: delete "
-                                f"{keys.checkpoints_prefix(run_id)} to train this run from the start") from None
 
 
 @contextlib.contextmanager

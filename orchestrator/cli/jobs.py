@@ -12,9 +12,12 @@ from rich.markup import escape
 from orchestrator.cli import context, render
 from orchestrator.cli.corpus import Exclude, Include
 from orchestrator.cli.follow import follow
+from orchestrator.settings import Settings
+from orchestrator.store import RunStore
 from schemas.errors import IllegalTransition, UserError
 from schemas.run import RunSpec, build_run_spec
 from schemas.status import TERMINAL, RunStatus
+from schemas.training import ModelConfig
 from schemas.views import RunView
 
 jobs_app = typer.Typer(help="Submit, follow and manage training runs.", no_args_is_help=True)
@@ -66,13 +69,7 @@ def submit(
     groups = [repo] if combine else [[r] for r in repo]
     init_key, init_model = None, None
     if init_from:
-        from workers.checkpoint import find_checkpoint, load_checkpoint  # torch: only when fine-tuning
-
-        init_from = store.resolve_id(init_from)
-        init_key = find_checkpoint(cfg.storage(), init_from, "best")
-        # The network that will train is the checkpoint's (the source's spec may say another:
-        # runs fine-tuned before specs recorded it said their preset's).
-        init_model = load_checkpoint(cfg.storage(), init_key).model_config
+        init_from, init_key, init_model = _init_from(cfg, store, init_from)
     specs: list[RunSpec] = []
     for group in groups:
         spec = build_run_spec(group, name=name, preset=preset, sets=set_ or (), corpus_overrides=overrides,
@@ -91,6 +88,17 @@ def submit(
 
     views = run_embedded(cfg, store, ids, bars=context.is_tty() and not json_)
     _report(views, cfg.heartbeat_timeout, json_=json_)
+
+
+def _init_from(cfg: Settings, store: RunStore, run: str) -> tuple[str, str, ModelConfig]:
+    """The run `--init-from` names: its id, its best checkpoint's key, and the network in it (the
+    one that will train: the source's spec may say another, as specs of runs fine-tuned before
+    they recorded it said their preset's)."""
+    from workers.checkpoint import find_checkpoint, load_checkpoint  # torch: only when fine-tuning
+
+    run_id = store.resolve_id(run)
+    key = find_checkpoint(cfg.storage(), run_id, "best")
+    return run_id, key, load_checkpoint(cfg.storage(), key).model_config
 
 
 def _report(views: list[RunView], stale_after: float, *, json_: bool) -> None:
