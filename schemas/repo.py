@@ -76,7 +76,7 @@ def parse_repo_spec(spec: str, *, cwd: Path | None = None) -> RepoSpec:
         return RepoSpec(spec=raw, kind=RepoKind.SHORTHAND, location=name, ref=ref)
     raise InvalidSpec(
         f"cannot read repo spec {raw!r}: expected owner/name[@ref], a git URL "
-        "(https://, ssh://, git://, git@host:path) or a local directory"
+        "(https://, http://, ssh://, git://, git@host:path) or a local directory"
     )
 
 

@@ -28,7 +28,7 @@ corpus_app = typer.Typer(
 )
 
 Specs = Annotated[list[str], typer.Argument(
-    help=escape("owner/name[@ref], a git URL (https://, ssh://, git://, git@host:path) or a local directory."),
+    help=escape("owner/name[@ref], a git URL (https://, http://, ssh://, git://, git@host:path) or a local directory."),
     show_default=False,
 )]
 Include = Annotated[list[str] | None, typer.Option(
