@@ -70,6 +70,7 @@ class Flight:
     worker: tuple[str, int] | None = None  # (node id, pid) running the current attempt
     waiting_for: str | None = None  # the run building the corpus this one needs
     launched_at: float | None = None  # when the current task was submitted (see _note_waiting)
+    asks: str = ""  # the Ray resources the current task asked for
 
     @property
     def current(self) -> Stage:
@@ -77,7 +78,6 @@ class Flight:
         if self.stage is None:
             raise RuntimeError(f"run {self.run_id}: no stage launched yet")
         return self.stage
-    asks: str = ""  # the Ray resources the current task asked for
 
 
 @dataclass

@@ -29,14 +29,6 @@ from workers.sample import read_samples
 from workers.storage import Storage
 
 LN2 = math.log(2)
-
-
-def _bits(nats: Any) -> Any:
-    return nats / LN2
-
-
-def _nats(bits: Any) -> Any:
-    return bits * LN2
 PNG_SIZE = (1000, 500)  # pixels: 10 x 5 inches at 100 dpi
 SAMPLES_SHOWN = 8  # per report, from the newest batch
 METRIC_LABELS = {
@@ -53,6 +45,14 @@ METRIC_LABELS = {
 class ReportPaths:
     html: Path
     png: Path
+
+
+def _bits(nats: Any) -> Any:
+    return nats / LN2
+
+
+def _nats(bits: Any) -> Any:
+    return bits * LN2
 
 
 def write_report(

@@ -128,14 +128,15 @@ class RunStore(ClusterQueries):
         run = session.scalar(query.where(Run.id == run_id))
         if run is not None:
             return run
-        if len(run_id) >= 4 and all(c in "0123456789abcdef" for c in run_id):
+        prefix = bool(run_id) and all(c in "0123456789abcdef" for c in run_id)
+        if prefix and len(run_id) < 4:
+            raise RunNotFound(f"no run with id {run_id!r} (a prefix needs at least 4 characters)")
+        if prefix:
             matches = session.scalars(query.where(Run.id.startswith(run_id)).limit(2)).all()
             if len(matches) == 1:
                 return matches[0]
             if len(matches) > 1:
                 raise UserError(f"run id prefix {run_id!r} is ambiguous: give more characters")
-        if 0 < len(run_id) < 4 and all(c in "0123456789abcdef" for c in run_id):
-            raise RunNotFound(f"no run with id {run_id!r} (a prefix needs at least 4 characters)")
         raise RunNotFound(f"no run with id {run_id!r}")
 
     def get_run(self, run_id: str) -> RunView:

@@ -23,7 +23,9 @@ def human_size(n: float | None) -> str:
 def plural(n: int | None, word: str) -> str:
     """`3 files`, `1 file` (`word` is the plural; `None` counts as 0)."""
     n = n or 0
-    return f"{n} {word}" if n != 1 else f"{n} {word.removesuffix('es') if word.endswith('ches') else word[:-1]}"
+    if n != 1:
+        return f"{n} {word}"
+    return f"1 {word[:-2] if word.endswith('ches') else word[:-1]}"
 
 
 def parse_size(text: str) -> int:

@@ -75,6 +75,11 @@ class RunSummary(BaseModel):
         return max(0.0, (now - self.heartbeat_at).total_seconds())
 
 
+# The first fields of `jobs status --json`, in their order.
+_STATUS_HEAD = ("id", "name", "status", "stage", "error", "created_at", "queued_at", "started_at", "finished_at",
+                "heartbeat_at")
+
+
 class RunView(RunSummary):
     spec: dict[str, Any]  # the resolved RunSpec, as stored
     queued_at: Timestamp | None = None
@@ -93,20 +98,9 @@ class RunView(RunSummary):
         return [a for a in self.artifacts if a.kind == "samples"]
 
     def to_status_json(self) -> dict[str, Any]:
-        def ts(value: datetime | None) -> str | None:
-            return value.isoformat() if value else None  # as Timestamp
-
+        plain = self.model_dump(mode="json", include=set(_STATUS_HEAD))  # times as Timestamp writes them
         return {
-            "id": self.id,
-            "name": self.name,
-            "status": self.status.value,
-            "stage": self.stage.value if self.stage else None,
-            "error": self.error,
-            "created_at": ts(self.created_at),
-            "queued_at": ts(self.queued_at),
-            "started_at": ts(self.started_at),
-            "finished_at": ts(self.finished_at),
-            "heartbeat_at": ts(self.heartbeat_at),
+            **{name: plain[name] for name in _STATUS_HEAD},
             "repos": self.repos,
             "corpus": self.corpus,
             "progress": {"step": self.step, "total_steps": self.total_steps},

@@ -93,25 +93,29 @@ def _hashed(blocks: Iterable[bytes], digest: Any) -> Iterator[bytes]:
         yield block
 
 
+def _manifest_head(storage: Storage, corpus: CorpusResult) -> dict[str, Any]:
+    """The corpus manifest's head ({} when there is none, or it is not JSON)."""
+    if not storage.exists(corpus.manifest_key):
+        return {}
+    try:
+        head = read_manifest_head(storage, corpus.manifest_key)
+    except ValueError:
+        return {}
+    return head if isinstance(head, dict) else {}
+
+
 def _manifest_text(storage: Storage, corpus: CorpusResult) -> str | None:
     """The sha256 the corpus's manifest records for its text (None: no manifest, or none there)."""
-    if not storage.exists(corpus.manifest_key):
-        return None
-    try:
-        sha256 = read_manifest_head(storage, corpus.manifest_key)["text"]["sha256"]
-    except (KeyError, TypeError, ValueError):
-        return None
+    text = _manifest_head(storage, corpus).get("text")
+    sha256 = text.get("sha256") if isinstance(text, dict) else None
     return sha256 if isinstance(sha256, str) else None
 
 
 def _manifest_counts(storage: Storage, corpus: CorpusResult) -> dict[str, int] | None:
     """The manifest's counts, if it has them and they add up to the stored text's size in UTF-8
     (a cheap check that they describe this very text); None otherwise."""
-    if not storage.exists(corpus.manifest_key):
-        return None
     try:
-        pairs = read_manifest_head(storage, corpus.manifest_key)["vocab"]
-        counts = {str(c): int(n) for c, n in pairs}
+        counts = {str(c): int(n) for c, n in _manifest_head(storage, corpus)["vocab"]}
     except (KeyError, TypeError, ValueError):
         return None
     utf8 = sum(len(c.encode("utf-8", "surrogatepass")) * n for c, n in counts.items())

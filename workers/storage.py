@@ -87,27 +87,20 @@ _KINDS = ((stat.S_ISLNK, "a symbolic link"), (stat.S_ISCHR, "a character device"
           (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"), (stat.S_ISDIR, "a directory"))
 
 
-def unwritable_kind(path: Path) -> str | None:
-    """What `path` is when it exists as anything but a regular file ("a FIFO", ...), else None.
+def unwritable_reason(path: Path, *, now: bool = False) -> str | None:
+    """`cannot write PATH: it is a FIFO; ...` for a destination that exists as anything but a
+    regular file (`now`: found so only after the work was done), else None.
 
     Outputs are written beside their destination and renamed onto it: over a device, FIFO or
     link that would replace (and then delete) the node itself, /dev/full included.
     """
     try:
         mode = os.lstat(path).st_mode
-    except FileNotFoundError:
-        return None
     except OSError:
-        return None  # unreadable here: the write itself says why
-    return next((kind for test, kind in _KINDS if test(mode)), None if stat.S_ISREG(mode) else "not a regular file")
-
-
-def unwritable_reason(path: Path, *, now: bool = False) -> str | None:
-    """`cannot write PATH: it is a FIFO; ...` for a destination that exists as anything but a
-    regular file (`now`: found so only after the work was done), else None."""
-    kind = unwritable_kind(path)
-    if kind is None:
+        return None  # missing (to be made), or unreadable here: the write itself says why
+    if stat.S_ISREG(mode):
         return None
+    kind = next((kind for test, kind in _KINDS if test(mode)), "not a regular file")
     if now:
         return f"cannot write {path}: it is {kind} now; nothing was written there"
     return f"cannot write {path}: it is {kind}; give a new path or a regular file to replace"

@@ -96,9 +96,9 @@ def _init_from(cfg: Settings, store: RunStore, run: str) -> tuple[str, str, Mode
     they recorded it said their preset's)."""
     from workers.checkpoint import find_checkpoint, load_checkpoint  # torch: only when fine-tuning
 
-    run_id = store.resolve_id(run)
-    key = find_checkpoint(cfg.storage(), run_id, "best")
-    return run_id, key, load_checkpoint(cfg.storage(), key).model_config
+    run_id, storage = store.resolve_id(run), cfg.storage()
+    key = find_checkpoint(storage, run_id, "best")
+    return run_id, key, load_checkpoint(storage, key).model_config
 
 
 def _report(views: list[RunView], stale_after: float, *, json_: bool) -> None:
